@@ -1,0 +1,130 @@
+"""Run lora_from_scratch.ipynb top to bottom with papermill on a tiny GPT-2, offline, and check what it produced."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+import papermill
+import pytest
+import torch
+from conftest import MAIN_NOTEBOOK, TINY_BLOCK_SIZE
+
+STEPS = 40
+EXPECTED_RESULT_KEYS = {
+    "base_params", "lora_params", "trainable_fraction", "val_loss_before", "val_loss_after", "val_ppl_before",
+    "val_ppl_after", "lora_file_bytes", "full_model_file_bytes", "merge_max_abs_diff", "reload_max_abs_diff",
+    "train_seconds", "tokens_per_second", "device", "precision",
+}
+
+
+def run_main_notebook(folder: Path, model_dir: Path, text_path: Path, text_sha256: str) -> Path:
+    """Execute the notebook in a fresh kernel, in an empty folder, with the tiny model and text."""
+    folder.mkdir(parents=True, exist_ok=True)
+    executed = folder / "executed.ipynb"
+    papermill.execute_notebook(
+        str(MAIN_NOTEBOOK), str(executed), cwd=str(folder), progress_bar=False, kernel_name="python3",
+        parameters={
+            "MODEL_NAME": str(model_dir),
+            "DATA_URL": "http://127.0.0.1:9/never-used",  # the file is present: nothing is downloaded
+            "DATA_PATH": str(text_path),
+            "DATA_SHA256": text_sha256,
+            "BLOCK_SIZE": TINY_BLOCK_SIZE,
+            "BATCH_SIZE": 4,
+            "EPOCHS": 1,
+            "MAX_STEPS": STEPS,
+            "LR": 2e-2,
+            "EVAL_INTERVAL": 10,
+            "EVAL_BATCHES": 5,
+            "MAX_NEW_TOKENS": 12,
+            "LATENCY_TOKENS": 8,
+            "OUTPUT_DIR": "out",
+        },
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dir, play_text_path, play_text_sha256):
+    """Two runs with the same seed, each in its own folder and kernel."""
+    base = tmp_path_factory.mktemp("notebook-runs")
+    return [run_main_notebook(base / f"run{i}", tiny_model_dir, play_text_path, play_text_sha256) for i in (1, 2)]
+
+
+@pytest.fixture(scope="module")
+def run(runs):
+    return runs[0]
+
+
+@pytest.fixture(scope="module")
+def results(run):
+    return json.loads((run / "out" / "results.json").read_text())
+
+
+def printed(run: Path) -> str:
+    nb = nbformat.read(run / "executed.ipynb", as_version=4)
+    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
+def test_the_notebook_writes_every_artifact(run):
+    out = run / "out"
+    for name in ["results.json", "training_losses.json", "lora_weights.pt", "figures/training_curve.png",
+                 "figures/before_after.png"]:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    for png in (out / "figures").glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_results_have_the_agreed_keys_and_consistent_values(results):
+    assert set(results) == EXPECTED_RESULT_KEYS
+    assert results["trainable_fraction"] == pytest.approx(results["lora_params"] / results["base_params"])
+    assert results["val_ppl_after"] == pytest.approx(torch.tensor(results["val_loss_after"]).exp().item(), rel=1e-5)
+    assert results["device"] == "cpu" and results["precision"] in {"fp32", "bf16"}
+    assert results["train_seconds"] > 0 and results["tokens_per_second"] > 0
+
+
+def test_lora_params_match_the_formula_for_the_tiny_config(results, tiny_model_dir):
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    d, rank = config["n_embd"], 4
+    per_block = rank * ((d + 3 * d) + (d + d))  # c_attn (d -> 3d) and attn.c_proj (d -> d)
+    assert results["lora_params"] == config["n_layer"] * per_block
+
+
+def test_validation_loss_drops_on_a_learnable_text(results):
+    assert results["val_loss_after"] < results["val_loss_before"] - 0.1
+
+
+def test_merge_and_reload_reproduce_the_trained_model(results):
+    assert results["merge_max_abs_diff"] <= 1e-5
+    assert results["reload_max_abs_diff"] <= 1e-5
+    assert 0 < results["lora_file_bytes"] < results["full_model_file_bytes"]
+
+
+def test_loss_history_covers_every_step_and_every_evaluation(run):
+    history = json.loads((run / "out" / "training_losses.json").read_text())
+    assert history["train_step"] == list(range(1, STEPS + 1)) and len(history["train_loss"]) == STEPS
+    assert history["val_step"] == [0, 10, 20, 30, 40]
+
+
+def test_the_printed_checks_hold(run):
+    text = printed(run)
+    assert "max |logits(LoRA at init) - logits(GPT-2)| = 0.0" in text
+    assert "every trainable tensor is an A or a B: True" in text
+    assert "mlp.c_proj adapted: False" in text
+    assert "pretrained weights bit-identical: True" in text
+    assert "the three LoRA variants generate the same tokens: True" in text
+
+
+def test_the_saved_weights_load_into_a_fresh_model(core, run, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    adapted = core.load_lora(model, run / "out" / "lora_weights.pt")
+    assert len(adapted) == 4 and any(layer.B.abs().sum() > 0 for layer in core.lora_layers(model).values())
+
+
+def test_same_seed_gives_the_same_losses(runs):
+    first, second = (json.loads((r / "out" / "training_losses.json").read_text()) for r in runs)
+    assert first["train_loss"] == second["train_loss"]
+    assert first["val_loss"] == second["val_loss"]
