@@ -63,6 +63,17 @@ def test_main_parameters_have_the_agreed_names_and_defaults():
     assert "EVAL_INTERVAL" in namespace and "MAX_NEW_TOKENS" in namespace
 
 
+SHARED_COPY = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+@pytest.mark.skipif(not SHARED_COPY.exists(), reason="no local copy of Tiny Shakespeare beside the repo")
+def test_default_checksum_is_that_of_tiny_shakespeare():
+    import hashlib
+
+    assert hashlib.sha256(SHARED_COPY.read_bytes()).hexdigest() == MAIN_PARAMETERS["DATA_SHA256"]
+    assert SHARED_COPY.stat().st_size == 1_115_394
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_core_cells_hold_only_imports_and_definitions(path):
     sources = tagged_sources(path)
