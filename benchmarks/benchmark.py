@@ -67,17 +67,10 @@ def build_model(args, core, device):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    if args.model:
+        return core.load_base_model(args.model, device, dropout=args.dropout)
     overrides = {} if args.dropout is None else {"resid_pdrop": args.dropout, "embd_pdrop": args.dropout,
                                                  "attn_pdrop": args.dropout}
-    if args.model:
-        model = core.load_base_model(args.model, device)
-        for key, value in overrides.items():
-            setattr(model.config, key, value)
-        if overrides:  # dropout modules are built at load time: rebuild them from the config
-            for module in model.modules():
-                if isinstance(module, torch.nn.Dropout):
-                    module.p = args.dropout
-        return model
     torch.manual_seed(0)
     return GPT2LMHeadModel(GPT2Config(**overrides)).to(device).eval()
 

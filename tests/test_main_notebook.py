@@ -69,7 +69,8 @@ def printed(run: Path) -> str:
 
 def test_the_notebook_writes_every_artifact(run):
     out = run / "out"
-    for name in ["results.json", "training_losses.json", "lora_weights.pt", "figures/training_curve.png",
+    for name in ["results.json", "training_losses.json", "lora_weights.pt", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors", "figures/training_curve.png",
                  "figures/before_after.png"]:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     for png in (out / "figures").glob("*.png"):
@@ -128,3 +129,17 @@ def test_same_seed_gives_the_same_losses(runs):
     first, second = (json.loads((r / "out" / "training_losses.json").read_text()) for r in runs)
     assert first["train_loss"] == second["train_loss"]
     assert first["val_loss"] == second["val_loss"]
+
+
+def test_the_exported_peft_adapter_reproduces_the_saved_lora(core, run, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = run / "out" / "adapter"
+    assert {p.name for p in adapter.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    ours = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    core.load_lora(ours, run / "out" / "lora_weights.pt")
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter).eval()
+    batch = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (ours(batch).logits - peft_model(batch).logits).abs().max().item() <= 1e-5

@@ -1,0 +1,139 @@
+"""Our LoRALayer + inject_lora compute what Hugging Face PEFT computes, and adapters move both ways.
+
+PEFT is a test dependency only: the notebook writes and reads PEFT's files with safetensors and json.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+TOL = 1e-5
+
+
+@pytest.fixture
+def fresh(tiny_model_dir):
+    return lambda: AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+
+@pytest.fixture
+def batch():
+    return torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(batch).logits
+
+
+def max_diff(a, b) -> float:
+    return (a - b).abs().max().item()
+
+
+def ours_trained(core, fresh, targets, rank=4, alpha=8):
+    """Our parametrized model with non-zero B, as after training."""
+    model = fresh()
+    torch.manual_seed(0)
+    core.inject_lora(model, targets, rank, alpha)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in core.lora_layers(model).values():
+            layer.B.copy_(torch.randn(layer.B.shape, generator=generator) * 0.2)
+    return model
+
+
+def peft_trained(fresh, targets, rank=4, alpha=8, **extra):
+    """A PEFT LoRA model with non-zero lora_B, as after training."""
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, fan_in_fan_out=True, **extra)
+    model = get_peft_model(fresh(), config)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("targets", [["attn.c_attn", "attn.c_proj"], ["attn.c_attn"]])
+def test_our_exported_adapter_gives_the_same_logits_in_peft(core, fresh, batch, tmp_path, targets):
+    ours = ours_trained(core, fresh, targets)
+    folder = core.export_peft_adapter(ours, tmp_path / "adapter")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["fan_in_fan_out"] is True and config["r"] == 4
+    assert config["task_type"] == "CAUSAL_LM" and config["lora_alpha"] == 8
+
+    peft_model = PeftModel.from_pretrained(fresh(), folder).eval()
+    adapted = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == set(core.lora_layers(ours))
+    expected = logits(ours, batch)
+    assert max_diff(logits(peft_model, batch), expected) <= TOL
+
+    merged_peft = peft_model.merge_and_unload()
+    core.merge_lora(ours)
+    assert max_diff(logits(ours, batch), expected) <= TOL
+    for name, param in ours.named_parameters():
+        assert max_diff(param, merged_peft.get_parameter(name)) <= TOL, name
+
+
+@pytest.mark.parametrize("targets", [["attn.c_attn", "attn.c_proj"], ["attn.c_attn"]])
+def test_a_peft_adapter_imported_by_us_gives_peft_logits(core, fresh, batch, tmp_path, targets):
+    peft_model = peft_trained(fresh, targets)
+    expected = logits(peft_model, batch)
+    peft_model.save_pretrained(tmp_path / "peft")
+
+    ours = fresh()
+    adapted = core.import_peft_adapter(ours, tmp_path / "peft")
+    assert len(adapted) == 2 * len(targets)
+    assert max_diff(logits(ours, batch), expected) <= TOL
+
+    merged_peft = peft_model.merge_and_unload()
+    core.merge_lora(ours)
+    for name, param in ours.named_parameters():
+        assert max_diff(param, merged_peft.get_parameter(name)) <= TOL, name
+
+
+def test_a_bare_c_proj_target_imports_the_mlp_projection_too(core, fresh, batch, tmp_path):
+    peft_model = peft_trained(fresh, ["c_attn", "c_proj"])  # PEFT's bare "c_proj" catches mlp.c_proj as well
+    expected = logits(peft_model, batch)
+    peft_model.save_pretrained(tmp_path / "peft")
+    ours = fresh()
+    adapted = core.import_peft_adapter(ours, tmp_path / "peft")
+    assert {name.split(".", 3)[3] for name in adapted} == {"attn.c_attn", "attn.c_proj", "mlp.c_proj"}
+    assert max_diff(logits(ours, batch), expected) <= TOL
+
+
+def test_an_adapter_trained_with_dropout_loads(core, fresh, batch, tmp_path):
+    peft_model = peft_trained(fresh, ["attn.c_attn"], lora_dropout=0.1)
+    peft_model.save_pretrained(tmp_path / "peft")
+    ours = fresh()
+    core.import_peft_adapter(ours, tmp_path / "peft")
+    assert max_diff(logits(ours, batch), logits(peft_model, batch)) <= TOL
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ({"use_dora": True}, "DoRA"),
+        ({"use_rslora": True}, "rsLoRA"),
+        ({"bias": "lora_only"}, "trained biases"),
+        ({"rank_pattern": {"attn.c_proj": 2}}, "per-module ranks"),
+    ],
+)
+def test_unsupported_peft_features_are_named_and_load_nothing(core, fresh, tmp_path, extra, named):
+    peft_trained(fresh, ["attn.c_attn", "attn.c_proj"], **extra).save_pretrained(tmp_path / "peft")
+    ours = fresh()
+    with pytest.raises(ValueError, match=named):
+        core.import_peft_adapter(ours, tmp_path / "peft")
+    assert not core.lora_layers(ours)
+
+
+def test_a_target_that_is_not_conv1d_is_named(core, fresh, tmp_path):
+    peft_trained(fresh, ["wte"]).save_pretrained(tmp_path / "peft")  # an Embedding: PEFT supports it, we do not
+    ours = fresh()
+    with pytest.raises(ValueError, match="'transformer.wte', which is not a Conv1D"):
+        core.import_peft_adapter(ours, tmp_path / "peft")
+    assert not core.lora_layers(ours)
