@@ -1,0 +1,224 @@
+"""lora_ablations.ipynb: run end to end on a tiny GPT-2, its definitions in isolation, and its sources vs the main one."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import nbformat
+import papermill
+import pytest
+import torch
+from conftest import MAIN_NOTEBOOK, TINY_BLOCK_SIZE
+from transformers import AutoModelForCausalLM
+
+from tools.nbcode import ABLATIONS_NOTEBOOK, load_core, tagged_sources
+
+RANKS, SUBSPACE_RANKS = [1, 2, 4, 8], [8, 32]
+
+
+def run_ablations(folder: Path, model_dir: Path, text_path: Path, **overrides) -> str:
+    """Execute the notebook in a fresh kernel; return everything it printed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    parameters = {
+        "MODEL_NAME": str(model_dir), "DATA_URL": "http://127.0.0.1:9/never-used", "DATA_PATH": str(text_path),
+        "DATA_SHA256": None, "BLOCK_SIZE": TINY_BLOCK_SIZE, "BATCH_SIZE": 4, "STEPS_PER_RUN": 4, "LR": 1e-2,
+        "FULL_FINETUNE_LR": 1e-3, "EVAL_BATCHES": 3, "SEEDS": [1, 2], "RANKS": RANKS,
+        "SUBSPACE_RANKS": SUBSPACE_RANKS, "AMPLIFICATION_RANKS": [4, 32], "OUTPUT_DIR": "out", **overrides,
+    }
+    executed = folder / f"executed-{len(list(folder.glob('executed-*')))}.ipynb"
+    try:
+        papermill.execute_notebook(str(ABLATIONS_NOTEBOOK), str(executed), cwd=str(folder), parameters=parameters,
+                                   progress_bar=False, kernel_name="python3")
+    finally:
+        nb = nbformat.read(executed, as_version=4) if executed.exists() else None
+    return "" if nb is None else "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
+@pytest.fixture(scope="module")
+def ablation_run(tmp_path_factory, tiny_model_dir, play_text_path):
+    folder = tmp_path_factory.mktemp("ablations")
+    first = run_ablations(folder, tiny_model_dir, play_text_path)
+    return folder, first
+
+
+@pytest.fixture(scope="module")
+def results(ablation_run):
+    folder, _ = ablation_run
+    return json.loads((folder / "out" / "ablation_results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def ablations():
+    return load_core(ABLATIONS_NOTEBOOK)
+
+
+# --- end to end ----------------------------------------------------------------------------------------------
+
+
+def test_results_have_the_agreed_structure(results):
+    assert {"rank", "layers", "full_finetune", "subspace_similarity", "amplification"} <= set(results)
+    for key in ("rank", "layers", "full_finetune"):
+        assert results[key], key
+        for record in results[key]:
+            assert {"name", "config", "seed", "trainable_params", "val_loss", "seconds", "peak_memory_bytes"} <= set(record)
+            assert record["val_loss"] > 0 and record["seconds"] > 0 and record["peak_memory_bytes"] > 0
+    assert sorted((r["name"], r["seed"]) for r in results["rank"]) == sorted(
+        (f"rank-{r}", s) for r in RANKS for s in (1, 2))
+    assert len(results["layers"]) == 9 * 2 and len(results["full_finetune"]) == 2
+
+
+def test_every_layer_row_has_the_same_budget(results, tiny_model_dir):
+    n_layer, d = (json.loads((tiny_model_dir / "config.json").read_text())[k] for k in ("n_layer", "n_embd"))
+    budgets = {r["trainable_params"] for r in results["layers"]}
+    assert budgets == {n_layer * 4 * (4 * d + 2 * d)}  # c_attn + c_proj at r=4, the reference row
+    rank4 = next(r for r in results["layers"] if r["plan"] == "c_attn+c_proj" and r["seed"] == 1)
+    assert rank4["name"] == "rank-4"  # the rank sweep's run, reused
+
+
+def test_full_finetune_trains_everything(results):
+    full = results["full_finetune"][0]
+    assert full["trainable_params"] > 20 * max(r["trainable_params"] for r in results["rank"])
+    assert full["config"]["lr"] != results["rank"][0]["config"]["lr"]
+
+
+def test_subspace_similarity_is_a_valid_phi_matrix(results):
+    subspace = results["subspace_similarity"]
+    assert subspace["ranks"] == SUBSPACE_RANKS and "block" in subspace and subspace["weight"]
+    for key in ("phi", "phi_initial", "phi_seeds"):
+        phi = torch.tensor(subspace[key])
+        assert phi.shape[0] == SUBSPACE_RANKS[0]
+        assert phi.min() >= 0 and phi.max() <= 1 + 1e-9
+
+
+def test_amplification_table(results):
+    assert [a["rank"] for a in results["amplification"]] == [4, 32]
+    for entry in results["amplification"]:
+        assert set(entry["projection_norm"]) == {"delta_w", "w", "random"}
+        assert entry["amplification_factor"] == pytest.approx(entry["delta_w_norm"] / entry["projection_norm"]["delta_w"])
+
+
+def test_figures_and_adapter_are_written(ablation_run):
+    folder, printed = ablation_run
+    for name in ("rank_comparison", "layer_selection", "subspace_similarity"):
+        assert (folder / "out" / "figures" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    assert (folder / "out" / "adapter_wq_wv" / "adapter_model.safetensors").is_file()
+    assert "every row has the same budget: True" in printed
+    assert "min 1.000000, max 1.000000 (must be 1)" in printed
+
+
+def test_a_rerun_loads_finished_runs_instead_of_training(ablation_run, tiny_model_dir, play_text_path, results):
+    folder, _ = ablation_run
+    printed = run_ablations(folder, tiny_model_dir, play_text_path)
+    assert "loaded from" in printed and "runs left" not in printed  # nothing trained again
+    again = json.loads((folder / "out" / "ablation_results.json").read_text())
+    assert [r["val_loss"] for r in again["rank"]] == [r["val_loss"] for r in results["rank"]]
+
+
+def test_a_failed_run_keeps_the_finished_ones(tmp_path, tiny_model_dir, play_text_path):
+    with pytest.raises(papermill.PapermillExecutionError, match="rank must be a positive integer"):
+        run_ablations(tmp_path, tiny_model_dir, play_text_path, RANKS=[1, 0], SEEDS=[1])
+    assert json.loads((tmp_path / "out" / "ablation_runs" / "rank-1-seed1.json").read_text())["val_loss"] > 0
+
+
+# --- definitions in isolation --------------------------------------------------------------------------------
+
+
+def _defined(notebook: Path) -> dict[str, str]:
+    sources = {}
+    for cell in tagged_sources(notebook):
+        for node in ast.parse(cell).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                sources[node.name] = ast.get_source_segment(cell, node)
+    return sources
+
+
+def test_shared_definitions_are_identical_in_both_notebooks():
+    main, ablation = _defined(MAIN_NOTEBOOK), _defined(ABLATIONS_NOTEBOOK)
+    assert {"LoRALayer", "inject_lora"} <= set(main) & set(ablation)
+    for name in set(main) & set(ablation):
+        assert main[name] == ablation[name], f"{name} differs between the two notebooks"
+
+
+def test_lora_layer_and_inject_cells_are_identical_text():
+    def cell_defining(notebook, name):
+        return next(c for c in tagged_sources(notebook) if f"class {name}(" in c or f"def {name}(" in c)
+
+    for name in ("LoRALayer", "inject_lora"):
+        assert cell_defining(MAIN_NOTEBOOK, name) == cell_defining(ABLATIONS_NOTEBOOK, name)
+
+
+def _randomize_lora(model, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".B"):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+
+
+def test_only_q_and_v_leaves_the_k_slice_exactly_unchanged(ablations, tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    adapted = ablations.inject_plan(model, [], "qv", rank=6, alpha=8)
+    assert adapted == ["transformer.h.0.attn.c_attn[qv]", "transformer.h.1.attn.c_attn[qv]"]
+    _randomize_lora(model)
+    module = model.transformer.h[0].attn.c_attn
+    delta = (module.weight - module.parametrizations.weight.original).detach()
+    width = delta.shape[1] // 3
+    q, k, v = delta[:, :width], delta[:, width : 2 * width], delta[:, 2 * width :]
+    assert torch.count_nonzero(k) == 0
+    assert q.abs().max() > 0 and v.abs().max() > 0
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.endswith((".A", ".B")) for n in trainable)
+
+
+@pytest.mark.parametrize(("whole", "qkv", "rank"), [([], "q", 12), (["attn.c_proj"], "qkv", 3), ([], "qv", 6),
+                                                    (["attn.c_attn"], "", 6), (["attn.c_attn", "attn.c_proj"], "", 4)])
+def test_layer_plans_have_equal_budgets(ablations, tiny_model_dir, whole, qkv, rank):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ablations.inject_plan(model, whole, qkv, rank, alpha=8)
+    d, n_layer = model.config.n_embd, model.config.n_layer
+    assert ablations.count_parameters(model, trainable_only=True) == n_layer * 4 * (4 * d + 2 * d)
+
+
+def test_subspace_similarity_bounds_and_identity(ablations):
+    generator = torch.Generator().manual_seed(0)
+    a8, a64 = torch.randn(8, 100, generator=generator), torch.randn(64, 100, generator=generator)
+    phi = ablations.subspace_similarity(a8, a64)
+    assert phi.shape == (8, 64) and phi.min() >= 0 and phi.max() <= 1 + 1e-12
+    assert torch.allclose(ablations.subspace_similarity(a8, a8).diagonal(), torch.ones(8, dtype=torch.float64))
+    nested = ablations.subspace_similarity(a8, torch.cat([a8, a64[:8]]))  # a8's row space lies inside the other's
+    assert nested[-1, -1] == pytest.approx(1.0)
+    disjoint = ablations.subspace_similarity(torch.eye(100)[:4], torch.eye(100)[4:12])
+    assert disjoint.abs().max() < 1e-12
+
+
+def test_sliced_qv_adapter_exports_as_a_rank_2r_peft_adapter(ablations, tiny_model_dir, tmp_path):
+    from peft import PeftModel
+
+    ours = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    torch.manual_seed(0)
+    ablations.inject_plan(ours, [], "qv", rank=6, alpha=8)
+    _randomize_lora(ours)
+    folder = ablations.export_qkv_peft_adapter(ours, tmp_path / "adapter")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (12, 16)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), folder).eval()
+    batch = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ours(batch).logits - peft_model(batch).logits).abs().max().item() <= 1e-5
+        merged = peft_model.merge_and_unload().transformer.h[0].attn.c_attn.weight
+        assert (merged - ours.transformer.h[0].attn.c_attn.weight).abs().max().item() <= 1e-5
+
+
+def test_export_refuses_a_mixed_plan(ablations, tiny_model_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ablations.inject_plan(model, ["attn.c_proj"], "qkv", rank=3, alpha=8)
+    with pytest.raises(ValueError, match="QKV slices only"):
+        ablations.export_qkv_peft_adapter(model, tmp_path / "adapter")
+
+
+@pytest.mark.parametrize("slices", ["", "x", "qq k"])
+def test_bad_slices_are_a_clear_error(ablations, slices):
+    with pytest.raises(ValueError, match="slices must be letters of 'qkv'"):
+        ablations.QKVLoRA(16, 48, slices, rank=2, alpha=4)
