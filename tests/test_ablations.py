@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import shutil
 from pathlib import Path
 
 import nbformat
@@ -114,6 +115,22 @@ def test_a_rerun_loads_finished_runs_instead_of_training(ablation_run, tiny_mode
     assert "loaded from" in printed and "runs left" not in printed  # nothing trained again
     again = json.loads((folder / "out" / "ablation_results.json").read_text())
     assert [r["val_loss"] for r in again["rank"]] == [r["val_loss"] for r in results["rank"]]
+
+
+def test_other_data_is_never_answered_from_saved_runs(ablation_run, tiny_model_dir, play_text_path, tmp_path):
+    folder, _ = ablation_run
+    shutil.copytree(folder / "out", tmp_path / "run" / "out")  # the saved runs, in a folder of its own
+    other_text = tmp_path / "other.txt"
+    other_text.write_text(play_text_path.read_text().replace("king", "duke"))
+    printed = run_ablations(tmp_path / "run", tiny_model_dir, other_text, SEEDS=[1], RANKS=[1], RUN_FULL_FINETUNE=False)
+    assert "loaded from" not in printed and "runs left" in printed
+
+
+def test_checkpoint_sizes_count_only_what_a_checkpoint_needs(results):
+    lora = next(r for r in results["rank"] if r["name"] == "rank-4")
+    floats = lora["trainable_params"] * 4
+    assert floats < lora["checkpoint_bytes"] < floats + 64 * 1024  # the A and B tensors plus pickle overhead
+    assert results["full_finetune"][0]["checkpoint_bytes"] > 20 * lora["checkpoint_bytes"]
 
 
 def test_a_failed_run_keeps_the_finished_ones(tmp_path, tiny_model_dir, play_text_path):

@@ -114,6 +114,7 @@ def test_the_printed_checks_hold(run):
     assert "every trainable tensor is an A or a B: True" in text
     assert "mlp.c_proj adapted: False" in text
     assert "pretrained weights bit-identical: True" in text
+    assert "max |grad A| = 0.00e+00" in text  # only B gets a gradient at initialisation
     assert "the three LoRA variants generate the same tokens: True" in text
 
 
