@@ -352,3 +352,16 @@ def test_save_without_lora_is_a_clear_error(core, tiny, tmp_path):
     with pytest.raises(ValueError, match="call inject_lora first"):
         core.save_lora(tiny, tmp_path / "x.pt")
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_no_network_for_the_model_says_what_to_do(core, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    loader_globals = core.load_base_model.__globals__
+    monkeypatch.setattr(loader_globals["AutoModelForCausalLM"], "from_pretrained", offline)
+    monkeypatch.setattr(loader_globals["AutoTokenizer"], "from_pretrained", offline)
+    for load in (lambda: core.load_base_model("openai-community/gpt2", torch.device("cpu")),
+                 lambda: core.load_tokenizer("openai-community/gpt2")):
+        with pytest.raises(OSError, match="needs internet; offline, set MODEL_NAME to a local folder"):
+            load()
