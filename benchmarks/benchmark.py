@@ -90,7 +90,7 @@ def peak_memory_bytes(device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def machine_info(device) -> dict:
+def machine_info(core, device) -> dict:
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -99,7 +99,6 @@ def machine_info(device) -> dict:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    core = load_notebook_core()
     info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cpu_native_bf16": core.cpu_has_fast_bf16(), "torch": torch.__version__, "python": platform.python_version(),
             "device": device.type, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
@@ -151,11 +150,8 @@ def random_batch(args, vocab_size: int, device, seed: int):
 
 def timed_step(core, variant_state, batch, device) -> float:
     model, optimizer, scaler, precision = variant_state
-    sync(device)
-    start = time.perf_counter()
-    core.train_step(model, batch, optimizer, scaler, device, precision)  # the notebook's own training step
-    sync(device)
-    return time.perf_counter() - start
+    # the notebook's own training step
+    return timed(lambda: core.train_step(model, batch, optimizer, scaler, device, precision), device)
 
 
 def memory_worker(args) -> dict:
@@ -184,10 +180,8 @@ def run_memory_worker(args, variant: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def benchmark_training(args) -> list[dict]:
+def benchmark_training(args, core, device) -> list[dict]:
     memory = {variant: run_memory_worker(args, variant) for variant in TRAIN_VARIANTS}
-    core = load_notebook_core()
-    device = core.choose_device(args.device)
     states = {variant: build_variant(args, core, device, variant) for variant in TRAIN_VARIANTS}
     seconds = {variant: [] for variant in TRAIN_VARIANTS}
     vocab = states["full_finetune"][0].config.vocab_size
@@ -224,14 +218,12 @@ def timed(fn, device) -> float:
     return time.perf_counter() - start
 
 
-def benchmark_inference(args) -> tuple[list[dict], list[dict], bool]:
+def benchmark_inference(args, core, device) -> tuple[list[dict], list[dict], bool]:
     import contextlib
 
     import torch
     from torch.nn.utils import parametrize
 
-    core = load_notebook_core()
-    device = core.choose_device(args.device)
     base = build_model(args, core, device)
     adapted = build_model(args, core, device)
     torch.manual_seed(0)
@@ -359,15 +351,15 @@ def main(argv=None) -> None:
     core = load_notebook_core()
     device = core.choose_device(args.device)
     started = time.perf_counter()
-    result = {"machine": machine_info(device),
+    result = {"machine": machine_info(core, device),
               "config": {"model": args.model or "GPT2Config() random init", "batch_size": args.batch_size,
                          "block_size": args.block_size, "rank": args.rank, "alpha": args.alpha,
                          "targets": TARGETS, "dropout": "model default" if args.dropout is None else args.dropout,
                          "rounds": args.rounds, "warmup": args.warmup, "steps": args.steps}}
     if args.only != "inference":
-        result["train"] = benchmark_training(args)
+        result["train"] = benchmark_training(args, core, device)
     if args.only != "train":
-        result["generate"], result["forward"], result["same_tokens"] = benchmark_inference(args)
+        result["generate"], result["forward"], result["same_tokens"] = benchmark_inference(args, core, device)
     result["seconds_total"] = time.perf_counter() - started
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"{result['machine']['device']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -50,6 +50,14 @@ def save_tiny_gpt2(folder: Path, text: str, seed: int = 0, n_layer: int = 2, n_e
     return folder
 
 
+def notebook_stdout(executed: Path) -> str:
+    """Everything an executed notebook printed, in cell order."""
+    import nbformat
+
+    nb = nbformat.read(executed, as_version=4)
+    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
 @pytest.fixture(scope="session")
 def core():
     """The main notebook's lora-core definitions, executed from the notebook itself."""

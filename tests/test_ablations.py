@@ -7,11 +7,10 @@ import json
 import shutil
 from pathlib import Path
 
-import nbformat
 import papermill
 import pytest
 import torch
-from conftest import MAIN_NOTEBOOK, TINY_BLOCK_SIZE
+from conftest import MAIN_NOTEBOOK, TINY_BLOCK_SIZE, notebook_stdout
 from transformers import AutoModelForCausalLM
 
 from tools.nbcode import ABLATIONS_NOTEBOOK, load_core, tagged_sources
@@ -29,12 +28,9 @@ def run_ablations(folder: Path, model_dir: Path, text_path: Path, **overrides) -
         "SUBSPACE_RANKS": SUBSPACE_RANKS, "AMPLIFICATION_RANKS": [4, 32], "OUTPUT_DIR": "out", **overrides,
     }
     executed = folder / f"executed-{len(list(folder.glob('executed-*')))}.ipynb"
-    try:
-        papermill.execute_notebook(str(ABLATIONS_NOTEBOOK), str(executed), cwd=str(folder), parameters=parameters,
-                                   progress_bar=False, kernel_name="python3")
-    finally:
-        nb = nbformat.read(executed, as_version=4) if executed.exists() else None
-    return "" if nb is None else "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    papermill.execute_notebook(str(ABLATIONS_NOTEBOOK), str(executed), cwd=str(folder), parameters=parameters,
+                               progress_bar=False, kernel_name="python3")
+    return notebook_stdout(executed)
 
 
 @pytest.fixture(scope="module")

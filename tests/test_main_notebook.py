@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import nbformat
 import papermill
 import pytest
 import torch
-from conftest import MAIN_NOTEBOOK, TINY_BLOCK_SIZE
+from conftest import MAIN_NOTEBOOK, TINY_BLOCK_SIZE, notebook_stdout
 
 STEPS = 40
 EXPECTED_RESULT_KEYS = {
@@ -63,8 +62,7 @@ def results(run):
 
 
 def printed(run: Path) -> str:
-    nb = nbformat.read(run / "executed.ipynb", as_version=4)
-    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    return notebook_stdout(run / "executed.ipynb")
 
 
 def test_the_notebook_writes_every_artifact(run):
