@@ -74,10 +74,48 @@ def test_lora_layer_rejects_rank_above_the_weight_size(core):
         core.LoRALayer(16, 32, rank=17, alpha=8)
 
 
-@pytest.mark.parametrize("alpha", [0, -1.0, float("nan"), None])
+@pytest.mark.parametrize("alpha", [0, -1.0, float("nan"), float("inf"), None, "8"])
 def test_lora_layer_rejects_bad_alpha(core, alpha):
-    with pytest.raises(ValueError, match="alpha must be a positive number"):
+    with pytest.raises(ValueError, match="alpha must be a finite positive number"):
         core.LoRALayer(16, 32, rank=4, alpha=alpha)
+
+
+def test_lora_layer_accepts_numpy_numbers(core):
+    np = pytest.importorskip("numpy")
+    layer = core.LoRALayer(16, 32, rank=np.int64(4), alpha=np.float32(8.0))
+    assert (type(layer.rank), type(layer.alpha), layer.scaling) == (int, float, 2.0)
+    assert layer.A.shape == (4, 16)
+
+
+@pytest.mark.parametrize(("scaling", "expected"), [("alpha/r", 8 / 16), ("alpha/sqrt(r)", 8 / 4)])
+def test_lora_layer_scaling_rules(core, scaling, expected):
+    layer = core.LoRALayer(32, 48, rank=16, alpha=8, scaling=scaling)
+    assert layer.scaling == expected
+    with torch.no_grad():
+        layer.B.normal_()
+    w0 = torch.randn(32, 48)
+    torch.testing.assert_close(layer(w0), w0 + expected * (layer.B @ layer.A).T)
+
+
+def test_lora_layer_default_scaling_is_the_papers(core):
+    assert core.LoRALayer(16, 32, rank=4, alpha=8).scaling == 8 / 4
+
+
+@pytest.mark.parametrize("scaling", ["alpha/sqrt", "rslora", None])
+def test_lora_layer_rejects_unknown_scaling(core, scaling):
+    with pytest.raises(ValueError, match="scaling must be one of"):
+        core.LoRALayer(16, 32, rank=4, alpha=8, scaling=scaling)
+
+
+def test_inject_lora_passes_the_scaling_rule_to_every_layer(core, tiny):
+    core.inject_lora(tiny, TARGETS, rank=4, alpha=8, scaling="alpha/sqrt(r)")
+    assert {layer.scaling for layer in core.lora_layers(tiny).values()} == {4.0}
+
+
+def test_inject_lora_refuses_an_empty_target_list_and_leaves_the_model_untouched(core, tiny):
+    with pytest.raises(ValueError, match="target_modules is empty"):
+        core.inject_lora(tiny, [], RANK, ALPHA)
+    assert all(p.requires_grad for p in tiny.parameters())
 
 
 @pytest.mark.parametrize("shape", [(16,), (16, 32, 1), (32, 16)])
@@ -208,13 +246,13 @@ def test_bf16_and_fp32_paths_reach_similar_losses(core, tiny_model_dir):
 
 def test_evaluate_loss_is_the_model_loss_and_restores_the_mode(core, tiny, batch):
     tiny.train()
-    loss = core.evaluate_loss(tiny, batch, batch_size=1, device=torch.device("cpu"), precision="fp32")
+    loss = core.evaluate_loss(tiny, batch, batch_size=1, device=torch.device("cpu"))
     assert tiny.training
     tiny.eval()
     with torch.no_grad():
         expected = tiny(input_ids=batch, labels=batch).loss.item()
     assert loss == pytest.approx(expected, rel=1e-5)
-    first_only = core.evaluate_loss(tiny, batch, 1, torch.device("cpu"), "fp32", max_batches=1)
+    first_only = core.evaluate_loss(tiny, batch, 1, torch.device("cpu"), max_batches=1)
     with torch.no_grad():
         assert first_only == pytest.approx(tiny(input_ids=batch[:1], labels=batch[:1]).loss.item(), rel=1e-5)
 

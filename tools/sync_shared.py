@@ -1,0 +1,59 @@
+"""Copy the shared `lora-core` cells of the main notebook into the ablations notebook, verbatim.
+
+Each notebook must open alone in Colab, so both define `LoRALayer`, `inject_lora` and the other shared
+pieces inline. The main notebook is the source of truth: an ablations `lora-core` cell whose first
+definition is also defined by a main-notebook `lora-core` cell is replaced by that cell's text.
+`tests/test_ablations.py` checks that the copies are identical.
+
+    python tools/sync_shared.py          # rewrite lora_ablations.ipynb
+    python tools/sync_shared.py --check  # exit 1 if a copy differs
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+
+import nbformat
+
+from tools.nbcode import ABLATIONS_NOTEBOOK, CORE_TAG, MAIN_NOTEBOOK
+
+
+def top_level_names(source: str) -> list[str]:
+    """Names of the functions and classes a cell defines, in order."""
+    return [
+        node.name
+        for node in ast.parse(source).body
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
+    ]
+
+
+def core_cells(nb) -> list:
+    return [c for c in nb.cells if c.cell_type == "code" and CORE_TAG in c.metadata.get("tags", [])]
+
+
+def sync(check: bool = False) -> list[str]:
+    """Return the first names of the ablations cells that differ (and fix them unless check)."""
+    main = nbformat.read(MAIN_NOTEBOOK, as_version=4)
+    ablations = nbformat.read(ABLATIONS_NOTEBOOK, as_version=4)
+    by_name = {}
+    for cell in core_cells(main):
+        for name in top_level_names(cell.source):
+            by_name.setdefault(name, cell.source)
+    changed = []
+    for cell in core_cells(ablations):
+        names = top_level_names(cell.source)
+        if names and names[0] in by_name and cell.source != by_name[names[0]]:
+            changed.append(names[0])
+            cell.source = by_name[names[0]]
+    if changed and not check:
+        nbformat.write(ablations, ABLATIONS_NOTEBOOK)
+    return changed
+
+
+if __name__ == "__main__":
+    check = "--check" in sys.argv[1:]
+    differing = sync(check)
+    verb = "differ" if check else "updated"
+    print(f"{verb}: {', '.join(differing)}" if differing else "shared cells are identical")
+    sys.exit(1 if check and differing else 0)
