@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import papermill
@@ -14,11 +15,13 @@ STEPS = 40
 EXPECTED_RESULT_KEYS = {
     "base_params", "lora_params", "trainable_fraction", "val_loss_before", "val_loss_after", "val_ppl_before",
     "val_ppl_after", "lora_file_bytes", "full_model_file_bytes", "merge_max_abs_diff", "reload_max_abs_diff",
-    "train_seconds", "tokens_per_second", "device", "precision",
+    "train_seconds", "tokens_per_second", "device", "precision", "val_loss_best", "adapter_off_max_abs_diff",
+    "unmerge_max_abs_diff", "swap_seconds", "reload_seconds", "scaler_skipped_steps",
 }
+FP16_STEPS = 6
 
 
-def run_main_notebook(folder: Path, model_dir: Path, text_path: Path, text_sha256: str) -> Path:
+def run_main_notebook(folder: Path, model_dir: Path, text_path: Path, text_sha256: str, **overrides) -> Path:
     """Execute the notebook in a fresh kernel, in an empty folder, with the tiny model and text."""
     folder.mkdir(parents=True, exist_ok=True)
     executed = folder / "executed.ipynb"
@@ -38,8 +41,9 @@ def run_main_notebook(folder: Path, model_dir: Path, text_path: Path, text_sha25
             "EVAL_BATCHES": 5,
             "MAX_NEW_TOKENS": 12,
             "LATENCY_TOKENS": 8,
+            "SECOND_ADAPTER_STEPS": 5,
             "OUTPUT_DIR": "out",
-        },
+        } | overrides,
     )
     return folder
 
@@ -142,3 +146,68 @@ def test_the_exported_peft_adapter_reproduces_the_saved_lora(core, run, tiny_mod
     batch = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (ours(batch).logits - peft_model(batch).logits).abs().max().item() <= 1e-5
+
+
+def test_validation_reports_best_and_last_and_says_it_is_partial(run, results):
+    history = json.loads((run / "out" / "training_losses.json").read_text())
+    assert results["val_loss_after"] == history["val_loss"][-1]
+    assert results["val_loss_best"] == min(history["val_loss"]) <= results["val_loss_after"]
+    text = printed(run)
+    assert "partial validation loss (5 of " in text  # EVAL_BATCHES 5 covers only part of the split
+    assert re.search(rf"best \(step {history['val_step'][history['val_loss'].index(min(history['val_loss']))]}\)", text)
+
+
+def test_task_switching_checks(run, results, core):
+    assert results["adapter_off_max_abs_diff"] == 0.0  # switched off, the model is GPT-2 exactly
+    assert 0.0 <= results["unmerge_max_abs_diff"] <= 1e-5  # W0 back after merge and subtract, to float rounding
+    assert results["swap_seconds"] > 0 and results["reload_seconds"] > 0
+    text = printed(run)
+    swapped_in = float(re.search(r"swapped in: +max \|logits - logits\(second adapter\)\| = (\S+)", text).group(1))
+    swapped_back = float(re.search(r"swapped back: max \|logits - logits\(trained LoRA\)\| += (\S+)", text).group(1))
+    assert swapped_in <= 1e-5 and swapped_back <= 1e-5
+    first = core.read_lora_file(run / "out" / "lora_weights.pt")["tensors"]
+    second = core.read_lora_file(run / "out" / "lora_weights_second.pt")["tensors"]
+    assert first.keys() == second.keys() and any(not torch.equal(first[k], second[k]) for k in first)
+
+
+def test_the_run_prints_no_stray_values_warnings_or_progress_widgets(run):
+    import nbformat
+
+    nb = nbformat.read(run / "executed.ipynb", as_version=4)
+    for cell in (c for c in nb.cells if c.cell_type == "code"):
+        kinds = {o.output_type for o in cell.outputs}
+        assert "execute_result" not in kinds, cell.source[:60]  # a cell ends with a statement, not a value
+        widgets = [o for o in cell.outputs if o.output_type == "display_data" and "image/png" not in o.data]
+        assert not widgets or "tqdm(" in cell.source, cell.source[:60]  # only our own progress bars
+        stderr = "".join(o.get("text", "") for o in cell.outputs if o.get("name") == "stderr")
+        assert "loss_type" not in stderr and "Warning" not in stderr, stderr
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_the_before_after_figure_is_as_tall_as_its_text(run):
+    width, height = png_size(run / "out" / "figures" / "before_after.png")
+    assert height < 600 and width > 2 * height
+
+
+@pytest.fixture(scope="module")
+def fp16_run(tmp_path_factory, tiny_model_dir, play_text_path, play_text_sha256):
+    """The T4's path (fp16 autocast with a gradient scaler), forced on the CPU for a few steps."""
+    folder = tmp_path_factory.mktemp("notebook-fp16") / "run"
+    return run_main_notebook(folder, tiny_model_dir, play_text_path, play_text_sha256, PRECISION="fp16",
+                             MAX_STEPS=FP16_STEPS, EVAL_INTERVAL=FP16_STEPS, SECOND_ADAPTER_STEPS=2)
+
+
+def test_fp16_counts_the_steps_the_scaler_skipped(fp16_run):
+    results = json.loads((fp16_run / "out" / "results.json").read_text())
+    assert results["precision"] == "fp16"
+    skipped = results["scaler_skipped_steps"]
+    assert isinstance(skipped, int) and 0 <= skipped <= FP16_STEPS
+    match = re.search(r"steps skipped by the fp16 gradient scaler: (\d+) \(scale now (\S+)\)", printed(fp16_run))
+    assert match and int(match.group(1)) == skipped
+    # Each skipped step halves the scale (65536 at the start; it grows only after 2000 good steps).
+    assert float(match.group(2)) == 65536.0 * 0.5**skipped
+    assert results["adapter_off_max_abs_diff"] == 0.0
