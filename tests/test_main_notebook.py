@@ -211,3 +211,21 @@ def test_fp16_counts_the_steps_the_scaler_skipped(fp16_run):
     # Each skipped step halves the scale (65536 at the start; it grows only after 2000 good steps).
     assert float(match.group(2)) == 65536.0 * 0.5**skipped
     assert results["adapter_off_max_abs_diff"] == 0.0
+
+
+def test_an_old_python_gets_a_clear_error_before_anything_else():
+    import types
+
+    import nbformat
+
+    cells = [c for c in nbformat.read(MAIN_NOTEBOOK, as_version=4).cells if c.cell_type == "code"]
+    imports = next(c.source for c in cells if "sys.version_info" in c.source)
+    check = imports.split("\nimport contextlib")[0].replace("import sys\n", "")
+    assert "raise RuntimeError" in check  # the check comes before any other import
+    for version, fails in (((3, 9, 18), True), ((3, 10, 0), False), ((3, 12, 1), False)):
+        fake_sys = types.SimpleNamespace(version_info=version, version=".".join(map(str, version)) + " (main)")
+        if fails:
+            with pytest.raises(RuntimeError, match=r"Python 3\.10 or newer; this is 3\.9\.18"):
+                exec(check, {"sys": fake_sys})
+        else:
+            exec(check, {"sys": fake_sys})
