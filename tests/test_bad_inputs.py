@@ -392,9 +392,15 @@ def test_saving_to_a_folder_asks_for_a_file_name(core, fresh, tmp_path):
         core.save_lora(trained(core, fresh()), tmp_path)
 
 
-def test_loading_a_folder_or_a_missing_file_is_named(core, fresh, tmp_path):
+def test_loading_a_missing_file_or_a_peft_adapter_with_load_lora_is_named(core, fresh, tmp_path):
     with pytest.raises(FileNotFoundError, match="No LoRA file at"):
-        core.load_lora(fresh(), tmp_path)
+        core.load_lora(fresh(), tmp_path / "missing.pt")
+    adapter = core.export_peft_adapter(trained(core, fresh()), tmp_path / "adapter")
+    for wrong in (adapter, adapter / "adapter_model.safetensors"):
+        with pytest.raises(ValueError, match="not a file written by save_lora: for a PEFT adapter .*import_peft_adapter"):
+            core.load_lora(fresh(), wrong)
+    with pytest.raises(ValueError, match="is a file: give import_peft_adapter the adapter's folder"):
+        core.import_peft_adapter(fresh(), adapter / "adapter_model.safetensors")
 
 
 # --- merge_lora, and training after it ----------------------------------------------------------------------------
