@@ -297,7 +297,8 @@ def trained_file(core, tiny, tmp_path):
 def test_save_then_load_into_a_fresh_base_gives_the_same_logits(core, trained_file, tiny_model_dir, batch):
     tiny, path = trained_file
     checkpoint = torch.load(path, weights_only=True)
-    assert set(checkpoint["config"]) == {"rank", "alpha", "target_modules", "adapted_modules", "base_model"}
+    assert set(checkpoint["config"]) == {"rank", "alpha", "scaling", "target_modules", "adapted_modules", "base_model"}
+    assert checkpoint["config"]["scaling"] == "alpha/r"
     assert checkpoint["config"]["target_modules"] == TARGETS
     assert all(key.endswith((".A", ".B")) for key in checkpoint["tensors"])  # no frozen weights in the file
     fresh = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
@@ -382,7 +383,7 @@ def test_merge_matches_unmerged_and_removes_the_parametrization(core, trained_fi
     assert not core.lora_layers(tiny) and not parametrize.is_parametrized(module)
     assert torch.equal(module.weight, expected_weight)
     assert (logits(tiny, batch) - unmerged).abs().max().item() <= 1e-5
-    with pytest.raises(ValueError, match="no LoRA layers to merge"):
+    with pytest.raises(ValueError, match="already merged"):
         core.merge_lora(tiny)
 
 

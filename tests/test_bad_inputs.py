@@ -1,0 +1,557 @@
+"""Careless inputs, tried as a user would: each gives a clear early error naming the problem, or the right result.
+
+Each test asserts the error type and a message that names the knob, file or feature at fault (and, where
+there is one, the fix). Nothing here trains: the tiny GPT-2 from conftest, a few tensors, files in tmp_path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+
+import nbformat
+import numpy as np
+import papermill
+import pytest
+import torch
+from conftest import MAIN_NOTEBOOK, TINY_BLOCK_SIZE
+from transformers import AutoModelForCausalLM
+
+TARGETS = ["attn.c_attn", "attn.c_proj"]
+
+
+@pytest.fixture
+def fresh(tiny_model_dir):
+    return lambda: AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+
+@pytest.fixture
+def batch():
+    return torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(batch).logits
+
+
+def trained(core, model, scaling="alpha/r"):
+    """Inject LoRA and give B a non-zero value, as training would."""
+    core.inject_lora(model, TARGETS, 4, 8, scaling)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in core.lora_layers(model).values():
+            layer.B.copy_(torch.randn(layer.B.shape, generator=generator) * 0.1)
+    return model
+
+
+def default_knobs() -> dict:
+    namespace: dict = {}
+    cells = nbformat.read(MAIN_NOTEBOOK, as_version=4).cells
+    exec(next(c.source for c in cells if "parameters" in c.metadata.get("tags", [])), namespace)
+    return {name: value for name, value in namespace.items() if name.isupper()}
+
+
+# --- validate_knobs: one rule per knob ------------------------------------------------------------------
+
+
+def test_the_defaults_are_valid_and_every_default_knob_has_a_rule(core):
+    knobs = default_knobs()
+    core.validate_knobs(knobs)
+    assert set(knobs) <= set(core.knob_rules())
+
+
+BAD_KNOBS = [
+    ("MODEL_NAME", ""), ("MODEL_NAME", None), ("DATA_URL", "raw.githubusercontent.com/x.txt"), ("DATA_URL", None),
+    ("DATA_PATH", ""), ("DATA_SHA256", "abc123"), ("DATA_SHA256", "g" * 64), ("DATA_SHA256", 0),
+    ("VAL_FRACTION", 0), ("VAL_FRACTION", 1), ("VAL_FRACTION", 10), ("VAL_FRACTION", float("nan")),
+    ("VAL_FRACTION", "0.1"), ("BLOCK_SIZE", 0), ("BLOCK_SIZE", 1), ("BLOCK_SIZE", 256.0), ("BLOCK_SIZE", True),
+    ("BATCH_SIZE", 0), ("BATCH_SIZE", -2), ("BATCH_SIZE", 2.5), ("EPOCHS", 0), ("EPOCHS", None), ("MAX_STEPS", 0),
+    ("MAX_STEPS", -1), ("LR", 0), ("LR", -1e-4), ("LR", float("inf")), ("LR", "1e-4"), ("WEIGHT_DECAY", -0.01),
+    ("WEIGHT_DECAY", float("nan")), ("DROPOUT", 1), ("DROPOUT", -0.1), ("RANK", 0), ("RANK", 4.0), ("ALPHA", 0),
+    ("ALPHA", float("inf")), ("ALPHA", float("nan")), ("TARGET_MODULES", []), ("TARGET_MODULES", "attn.c_attn"),
+    ("TARGET_MODULES", ["attn.c_attn", "attn.c_attn"]), ("TARGET_MODULES", ["attn.c_attn", ""]),
+    ("TARGET_MODULES", [1]), ("EVAL_INTERVAL", 0), ("EVAL_BATCHES", 0), ("PROMPT", ""), ("PROMPT", "   "),
+    ("PROMPT", None), ("MAX_NEW_TOKENS", 0), ("TEMPERATURE", 0), ("TEMPERATURE", -1), ("TOP_K", 0),
+    ("LATENCY_TOKENS", 0), ("SEED", -1), ("SEED", 1.5), ("SEED", 2**64), ("DEVICE", "gpu"), ("DEVICE", "CPU"),
+    ("DEVICE", "cuda:x"), ("PRECISION", "FP16"), ("PRECISION", "float16"), ("PRECISION", None), ("OUTPUT_DIR", ""),
+]
+
+
+@pytest.mark.parametrize(("knob", "value"), BAD_KNOBS, ids=[f"{k}={v!r}" for k, v in BAD_KNOBS])
+def test_a_bad_knob_is_named_with_its_value_and_the_fix(core, knob, value):
+    knobs = default_knobs() | {knob: value}
+    with pytest.raises(ValueError, match=rf"^{knob} = {re.escape(repr(value))} is not valid: set {knob} to \S"):
+        core.validate_knobs(knobs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_a_gpu_that_is_not_there_is_refused_before_anything_runs(core, device):
+    with pytest.raises(ValueError, match=rf"DEVICE = '{device}' is not valid.*it has 0 CUDA GPU"):
+        core.validate_knobs({"DEVICE": device})
+
+
+def test_paths_of_the_wrong_kind_are_refused(core, tmp_path):
+    a_file = tmp_path / "a.txt"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match="DATA_PATH .*not a folder"):
+        core.validate_knobs({"DATA_PATH": str(tmp_path)})
+    with pytest.raises(ValueError, match="OUTPUT_DIR .*not a file"):
+        core.validate_knobs({"OUTPUT_DIR": str(a_file)})
+
+
+def test_numpy_numbers_and_upper_case_checksums_are_accepted(core):
+    core.validate_knobs(default_knobs() | {
+        "RANK": np.int64(8), "ALPHA": np.float32(16), "LR": np.float64(2e-4), "BATCH_SIZE": np.int32(4),
+        "EPOCHS": np.int64(1), "VAL_FRACTION": np.float32(0.2), "SEED": np.uint32(7), "DROPOUT": np.float64(0.0),
+        "DATA_SHA256": default_knobs()["DATA_SHA256"].upper(), "MAX_STEPS": 10, "EVAL_BATCHES": 3,
+        "TARGET_MODULES": ("attn.c_proj",),
+    })
+
+
+@pytest.mark.parametrize(("typo", "meant"), [("RANKK", "RANK"), ("EPOCH", "EPOCHS"), ("BATCHSIZE", "BATCH_SIZE"),
+                                             ("TARGET_MODULE", "TARGET_MODULES")])
+def test_a_misspelt_knob_is_not_silently_ignored(core, typo, meant):
+    with pytest.raises(ValueError, match=f"{typo} is not a knob of this notebook: did you mean {meant}"):
+        core.validate_knobs({typo: 1})
+
+
+def test_other_upper_case_names_are_left_alone(core):
+    core.validate_knobs({"PEFT_PREFIX": "base_model.model.", "LORA_FILE_FORMAT": "lora-from-scratch/1"})
+
+
+# --- lengths against the model's positions ----------------------------------------------------------------
+
+
+def test_sequence_lengths_against_n_positions(core, fresh):
+    config = fresh().config  # n_positions = 128
+    core.check_sequence_lengths(config, 128, 8, 120, 120)
+    with pytest.raises(ValueError, match="BLOCK_SIZE = 129 but this model has only 128 positions"):
+        core.check_sequence_lengths(config, 129)
+    with pytest.raises(ValueError, match="MAX_NEW_TOKENS = 121 after a PROMPT of 8 tokens.*MAX_NEW_TOKENS <= 120"):
+        core.check_sequence_lengths(config, 32, 8, 121, 10)
+    with pytest.raises(ValueError, match="LATENCY_TOKENS = 200"):
+        core.check_sequence_lengths(config, 32, 8, 10, 200)
+
+
+# --- device and precision -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("requested", ["gpu", "CPU", None, "cuda:x", "meta"])
+def test_an_unknown_device_names_the_choices(core, requested):
+    with pytest.raises(ValueError, match="DEVICE must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"):
+        core.choose_device(requested)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_says_how_to_get_one(core):
+    with pytest.raises(RuntimeError, match="no GPU is visible.*T4 GPU"):
+        core.choose_device("cuda:0")
+
+
+@pytest.mark.parametrize("precision", ["fp64", "auto", "FP16", None])
+def test_autocast_refuses_a_precision_it_does_not_know_instead_of_running_fp16(core, precision):
+    with pytest.raises(ValueError, match="precision must be 'fp32', 'bf16' or 'fp16'"):
+        core.autocast_for(torch.device("cpu"), precision)
+
+
+# --- data -----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text("ROMEO:\nBut soft, what light through yonder window breaks?\n" * 20, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("form", [str.upper, lambda s: f"  {s}\n", str.lower])
+def test_a_checksum_in_upper_case_or_with_spaces_is_the_same_checksum(core, text_file, form):
+    sha = hashlib.sha256(text_file.read_bytes()).hexdigest()
+    assert core.ensure_text_file(text_file, "http://127.0.0.1:9/never", form(sha)) == text_file
+
+
+@pytest.mark.parametrize("sha", ["abc", "z" * 64, 12])
+def test_a_malformed_checksum_names_data_sha256(core, text_file, sha):
+    with pytest.raises(ValueError, match="DATA_SHA256 must be 64 hexadecimal digits"):
+        core.ensure_text_file(text_file, "http://127.0.0.1:9/never", sha)
+
+
+def test_a_non_utf8_file_names_the_file_the_byte_and_the_fix(core, tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("ROMEO: Ô café\n".encode("latin-1") * 5)
+    with pytest.raises(ValueError, match=r"latin1.txt is not UTF-8 text \(byte 7 is b'\\xd4'\).*iconv"):
+        core.ensure_text_file(path, "http://127.0.0.1:9/never", None)
+
+
+def test_an_empty_file_or_a_folder_is_named(core, tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match="empty.txt is empty"):
+        core.ensure_text_file(tmp_path / "empty.txt", "http://127.0.0.1:9/never", None)
+    with pytest.raises(ValueError, match="DATA_PATH .* is a folder"):
+        core.ensure_text_file(tmp_path, "http://127.0.0.1:9/never", None)
+
+
+@pytest.mark.parametrize("fraction", [0, 1, -0.1, float("nan"), "0.1", True])
+def test_split_refuses_a_bad_fraction(core, fraction):
+    with pytest.raises(ValueError, match="VAL_FRACTION must be a number between 0 and 1"):
+        core.split_text("abcdefghij", fraction)
+
+
+def test_split_and_blocks_accept_numpy_numbers(core):
+    assert core.split_text("abcdefghij", np.float32(0.2)) == ("abcdefgh", "ij")
+    assert core.make_blocks(list(range(10)), np.int64(3)).shape == (3, 3)
+
+
+@pytest.mark.parametrize("size", [0, 1, -4, 2.0, None])
+def test_blocks_refuse_a_bad_block_size(core, size):
+    with pytest.raises(ValueError, match="BLOCK_SIZE must be an integer of at least 2"):
+        core.make_blocks(list(range(100)), size)
+
+
+# --- loading the model and tokenizer ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def model_copy(tiny_model_dir, tmp_path):
+    import shutil
+
+    return shutil.copytree(tiny_model_dir, tmp_path / "model")
+
+
+@pytest.mark.parametrize("file", ["config.json", "model.safetensors"])
+def test_a_corrupt_model_file_is_named(core, model_copy, file):
+    (model_copy / file).write_text("{not json")
+    with pytest.raises(OSError, match=f"{re.escape(str(model_copy / file))} is not (valid JSON|a readable safetensors)"):
+        core.load_base_model(str(model_copy), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("file", ["tokenizer.json", "tokenizer_config.json"])
+def test_a_corrupt_tokenizer_file_is_named(core, model_copy, file):
+    (model_copy / file).write_text("{not json")
+    with pytest.raises(OSError, match=f"{re.escape(str(model_copy / file))} is not valid JSON"):
+        core.load_tokenizer(str(model_copy))
+
+
+def test_a_missing_config_is_named(core, model_copy):
+    (model_copy / "config.json").unlink()
+    with pytest.raises(OSError, match="has no config.json"):
+        core.load_base_model(str(model_copy), torch.device("cpu"))
+
+
+def test_a_folder_that_does_not_exist_is_not_blamed_on_the_network(core, tmp_path):
+    with pytest.raises(FileNotFoundError, match="There is no folder .*check MODEL_NAME"):
+        core.load_base_model(str(tmp_path / "no-such-model"), torch.device("cpu"))
+    with pytest.raises(ValueError, match="MODEL_NAME is empty"):
+        core.load_base_model("", torch.device("cpu"))
+
+
+def test_transformers_refusing_this_torch_gives_the_two_fixes(core, monkeypatch):
+    def too_old(*args, **kwargs):
+        raise ImportError("\nAutoModelForCausalLM requires PyTorch >= 2.6, but PyTorch was not found or an older "
+                          "version is installed.\nPlease install or upgrade PyTorch ...")
+
+    loader_globals = core.load_base_model.__globals__
+    monkeypatch.setattr(loader_globals["AutoModelForCausalLM"], "from_pretrained", too_old)
+    with pytest.raises(ImportError, match=r"refuses torch .*requires PyTorch >= 2.6.*upgrade torch.*"
+                                          r"transformers<5.15.*restart the kernel"):
+        core.load_base_model("openai-community/gpt2", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("dropout", [1, 1.5, -0.1, "0.1"])
+def test_a_bad_dropout_is_refused_before_loading(core, tiny_model_dir, dropout):
+    with pytest.raises(ValueError, match="DROPOUT must be None or a probability"):
+        core.load_base_model(str(tiny_model_dir), torch.device("cpu"), dropout=dropout)
+
+
+def test_a_model_without_conv1d_projections_is_refused_by_name(core, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, vocab_size=64, max_position_embeddings=32)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    with pytest.raises(ValueError, match="LlamaForCausalLM without GPT-2's Conv1D projections"):
+        core.load_base_model(str(tmp_path / "llama"), torch.device("cpu"))
+
+
+# --- LoRA files: save_lora / load_lora ---------------------------------------------------------------------------
+
+
+def test_load_lora_refuses_a_merged_model_instead_of_adding_the_update_twice(core, fresh, tmp_path, batch):
+    model = trained(core, fresh())
+    path = core.save_lora(model, tmp_path / "lora.pt")
+    expected = logits(model, batch)
+    core.merge_lora(model)
+    with pytest.raises(ValueError, match="already has a LoRA update merged into its weights"):
+        core.load_lora(model, path)
+    assert not core.lora_layers(model)
+    assert (logits(model, batch) - expected).abs().max().item() <= 1e-5  # still applied exactly once
+
+
+def test_the_merged_mark_survives_save_pretrained(core, fresh, tmp_path):
+    model = trained(core, fresh())
+    path = core.save_lora(model, tmp_path / "lora.pt")
+    core.merge_lora(model)
+    model.save_pretrained(tmp_path / "merged")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    with pytest.raises(ValueError, match="merged into its weights"):
+        core.load_lora(reloaded, path)
+
+
+def test_load_lora_refuses_an_adapted_model(core, fresh, tmp_path):
+    model = trained(core, fresh())
+    path = core.save_lora(model, tmp_path / "lora.pt")
+    with pytest.raises(ValueError, match="already has LoRA layers"):
+        core.load_lora(model, path)
+
+
+def _rewrite(path, change):
+    checkpoint = torch.load(path, weights_only=True)
+    change(checkpoint)
+    torch.save(checkpoint, path)
+    return path
+
+
+def _poison(checkpoint, value):
+    next(iter(checkpoint["tensors"].values()))[0, 0] = value
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda c: _poison(c, float("nan")), "holds NaN, inf or non-float values"),
+        (lambda c: _poison(c, float("inf")), "holds NaN, inf or non-float values"),
+        (lambda c: c["config"].update(alpha=float("inf")), "has alpha inf; alpha must be a finite positive number"),
+        (lambda c: c["config"].update(alpha=float("nan")), "has alpha nan"),
+        (lambda c: c["config"].update(alpha=-8), "has alpha -8"),
+        (lambda c: c["config"].update(rank=0), "has rank 0"),
+        (lambda c: c["config"].update(scaling="alpha"), "has scaling 'alpha'; known rules"),
+        (lambda c: c["config"].update(adapted_modules=[]), "lists no adapted modules"),
+        (lambda c: c.pop("config"), "has no valid config"),
+        (lambda c: c["tensors"].update({k: v.long() for k, v in c["tensors"].items()}), "non-float"),
+    ],
+)
+def test_a_lora_file_with_bad_values_is_refused_naming_the_file(core, fresh, tmp_path, change, message):
+    path = _rewrite(core.save_lora(trained(core, fresh()), tmp_path / "lora.pt"), change)
+    model = fresh()
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ".*" + message):
+        core.load_lora(model, path)
+    assert not core.lora_layers(model)
+
+
+def test_an_older_file_without_a_scaling_rule_loads_as_alpha_over_r(core, fresh, tmp_path, batch):
+    model = trained(core, fresh())
+    path = _rewrite(core.save_lora(model, tmp_path / "lora.pt"), lambda c: c["config"].pop("scaling"))
+    again = fresh()
+    core.load_lora(again, path)
+    assert all(layer.scaling_rule == "alpha/r" for layer in core.lora_layers(again).values())
+    assert torch.equal(logits(again, batch), logits(model, batch))
+
+
+def test_the_scaling_rule_travels_in_the_file(core, fresh, tmp_path, batch):
+    model = trained(core, fresh(), scaling="alpha/sqrt(r)")
+    path = core.save_lora(model, tmp_path / "lora.pt")
+    assert torch.load(path, weights_only=True)["config"]["scaling"] == "alpha/sqrt(r)"
+    again = fresh()
+    core.load_lora(again, path)
+    assert {layer.scaling for layer in core.lora_layers(again).values()} == {8 / math.sqrt(4)}
+    assert torch.equal(logits(again, batch), logits(model, batch))
+
+
+def test_a_failed_save_leaves_no_temporary_file_and_keeps_the_old_one(core, fresh, tmp_path, monkeypatch):
+    model = trained(core, fresh())
+    path = core.save_lora(model, tmp_path / "lora.pt")
+    before = path.read_bytes()
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(core.save_lora.__globals__["torch"], "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        core.save_lora(model, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora.pt"] and path.read_bytes() == before
+
+
+def test_saving_a_diverged_run_is_refused_and_writes_nothing(core, fresh, tmp_path):
+    model = trained(core, fresh())
+    with torch.no_grad():
+        next(iter(core.lora_layers(model).values())).A[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="transformer.h.0.attn.c_attn.A holds NaN or inf values"):
+        core.save_lora(model, tmp_path / "lora.pt")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        core.export_peft_adapter(model, tmp_path / "adapter")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_saving_to_a_folder_asks_for_a_file_name(core, fresh, tmp_path):
+    with pytest.raises(ValueError, match="is a folder: give save_lora a file name"):
+        core.save_lora(trained(core, fresh()), tmp_path)
+
+
+def test_loading_a_missing_file_or_a_peft_adapter_with_load_lora_is_named(core, fresh, tmp_path):
+    with pytest.raises(FileNotFoundError, match="No LoRA file at"):
+        core.load_lora(fresh(), tmp_path / "missing.pt")
+    adapter = core.export_peft_adapter(trained(core, fresh()), tmp_path / "adapter")
+    for wrong in (adapter, adapter / "adapter_model.safetensors"):
+        with pytest.raises(ValueError, match="not a file written by save_lora: for a PEFT adapter .*import_peft_adapter"):
+            core.load_lora(fresh(), wrong)
+    with pytest.raises(ValueError, match="is a file: give import_peft_adapter the adapter's folder"):
+        core.import_peft_adapter(fresh(), adapter / "adapter_model.safetensors")
+
+
+# --- merge_lora, and training after it ----------------------------------------------------------------------------
+
+
+def test_after_merge_nothing_trains_and_the_reason_is_given(core, fresh, tmp_path):
+    model = trained(core, fresh())
+    assert len(core.trainable_parameters(model)) == 2 * len(core.lora_layers(model))
+    core.merge_lora(model)
+    assert not any(p.requires_grad for p in model.parameters())
+    with pytest.raises(RuntimeError, match="merged into its weights.*load a fresh base model, load_lora"):
+        core.trainable_parameters(model)
+    with pytest.raises(ValueError, match="save_lora before merging"):
+        core.save_lora(model, tmp_path / "late.pt")
+    with pytest.raises(ValueError, match="export before merge_lora"):
+        core.export_peft_adapter(model, tmp_path / "adapter")
+    with pytest.raises(ValueError, match="already merged"):
+        core.merge_lora(model)
+
+
+def test_a_model_without_lora_has_nothing_to_train(core, fresh):
+    with pytest.raises(RuntimeError, match="call inject_lora"):
+        core.trainable_parameters(fresh())
+
+
+# --- PEFT adapters --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def adapter(core, fresh, tmp_path):
+    return core.export_peft_adapter(trained(core, fresh()), tmp_path / "adapter")
+
+
+def _edit_config(folder, **changes):
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config.update(changes)
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        ({"lora_bias": True}, "lora_bias"),
+        ({"use_dora": True}, "DoRA"),
+        ({"peft_type": "IA3"}, "peft_type='IA3'"),
+        ({"alora_invocation_tokens": [5, 6]}, "aLoRA"),
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ({"alpha_pattern": {"c_attn": 16}}, "per-module ranks"),
+        ({"trainable_token_indices": [1, 2]}, "trainable_token_indices"),
+        ({"init_lora_weights": "pissa_niter_4"}, "changes the base weights"),
+        ({"init_lora_weights": "olora"}, "changes the base weights"),
+        ({"layer_replication": [[0, 2]]}, "layer_replication"),
+    ],
+)
+def test_unsupported_peft_features_are_refused_by_name(core, fresh, adapter, changes, named):
+    _edit_config(adapter, **changes)
+    model = fresh()
+    with pytest.raises(ValueError, match=re.escape(named) + ".*which this LoRALayer does not support"):
+        core.import_peft_adapter(model, adapter)
+    assert not core.lora_layers(model)
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"lora_alpha": float("inf")}, "has alpha inf"),
+    ({"lora_alpha": float("nan")}, "has alpha nan"),
+    ({"r": 0}, "has rank 0"),
+    ({"r": 8}, r"shape \(4, 64\) but this model at rank 8"),
+])
+def test_a_peft_config_with_bad_numbers_is_refused_naming_the_folder(core, fresh, adapter, changes, message):
+    _edit_config(adapter, **changes)  # json writes inf and nan as Infinity and NaN, which json.loads reads back
+    model = fresh()
+    with pytest.raises(ValueError, match=message):
+        core.import_peft_adapter(model, adapter)
+    assert not core.lora_layers(model)
+
+
+def test_non_finite_adapter_tensors_are_refused(core, fresh, adapter):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    next(iter(tensors.values()))[0, 0] = float("nan")
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=re.escape(str(adapter)) + ".*holds NaN, inf"):
+        core.import_peft_adapter(fresh(), adapter)
+
+
+def test_an_extra_tensor_is_refused_rather_than_dropped(core, fresh, adapter):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    tensors["base_model.model.transformer.h.0.attn.c_attn.lora_B.bias"] = torch.ones(192)
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="holds 'base_model.model.transformer.h.0.attn.c_attn.lora_B.bias'.*load nothing"):
+        core.import_peft_adapter(fresh(), adapter)
+
+
+def test_a_bin_only_adapter_is_refused_by_name(core, fresh, adapter):
+    (adapter / "adapter_model.safetensors").rename(adapter / "adapter_model.bin")
+    with pytest.raises(FileNotFoundError, match=r"No adapter_model.safetensors .*adapter_model.bin.*\.bin adapter is a pickle"):
+        core.import_peft_adapter(fresh(), adapter)
+
+
+def test_broken_or_missing_adapter_files_are_named(core, fresh, adapter, tmp_path):
+    with pytest.raises(FileNotFoundError, match="No PEFT adapter folder"):
+        core.import_peft_adapter(fresh(), tmp_path / "nowhere")
+    (adapter / "adapter_model.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(ValueError, match="Could not read .*adapter_model.safetensors"):
+        core.import_peft_adapter(fresh(), adapter)
+    (adapter / "adapter_config.json").write_text("{oops")
+    with pytest.raises(ValueError, match="adapter_config.json is not valid JSON"):
+        core.import_peft_adapter(fresh(), adapter)
+    (adapter / "adapter_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="No adapter_config.json in"):
+        core.import_peft_adapter(fresh(), adapter)
+
+
+def test_a_peft_adapter_into_a_merged_model_is_refused(core, fresh, adapter):
+    model = trained(core, fresh())
+    core.merge_lora(model)
+    with pytest.raises(ValueError, match="merged into its weights"):
+        core.import_peft_adapter(model, adapter)
+
+
+# --- the notebook: a bad knob stops in the validation cell, before the model is loaded ----------------------------
+
+
+def _run_with(tmp_path, model_dir, text_path, text_sha256, **knobs):
+    executed = tmp_path / "executed.ipynb"
+    parameters = {"MODEL_NAME": str(model_dir), "DATA_URL": "http://127.0.0.1:9/never-used",
+                  "DATA_PATH": str(text_path), "DATA_SHA256": text_sha256, "BLOCK_SIZE": TINY_BLOCK_SIZE,
+                  "OUTPUT_DIR": "out"} | knobs
+    with pytest.raises(papermill.PapermillExecutionError) as error:
+        papermill.execute_notebook(str(MAIN_NOTEBOOK), str(executed), cwd=str(tmp_path), progress_bar=False,
+                                   kernel_name="python3", parameters=parameters)
+    cells = nbformat.read(executed, as_version=4).cells
+    failed = next(c for c in cells if c.cell_type == "code" and any(o.get("output_type") == "error" for o in c.outputs))
+    ran_after = [c.source[:40] for c in cells[cells.index(failed) + 1:] if c.cell_type == "code" and c.execution_count]
+    return error.value, failed, ran_after
+
+
+@pytest.mark.parametrize(("knob", "value"), [("EVAL_BATCHES", 0), ("RANKK", 8)])
+def test_a_bad_knob_stops_the_notebook_in_the_validation_cell(tmp_path, tiny_model_dir, play_text_path,
+                                                              play_text_sha256, knob, value):
+    error, failed, ran_after = _run_with(tmp_path, tiny_model_dir, play_text_path, play_text_sha256, **{knob: value})
+    assert error.ename == "ValueError" and knob in error.evalue
+    assert "validate_knobs(" in failed.source and ran_after == []
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_block_size_beyond_the_model_stops_right_after_loading_it(tmp_path, tiny_model_dir, play_text_path,
+                                                                    play_text_sha256):
+    error, failed, ran_after = _run_with(tmp_path, tiny_model_dir, play_text_path, play_text_sha256, BLOCK_SIZE=129)
+    assert error.ename == "ValueError" and "BLOCK_SIZE = 129 but this model has only 128 positions" in error.evalue
+    assert "check_sequence_lengths(" in failed.source and ran_after == []
