@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import json
-import shutil
 from pathlib import Path
 
 import papermill
@@ -15,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from tools.nbcode import ABLATIONS_NOTEBOOK, load_core, tagged_sources
 
-RANKS, SUBSPACE_RANKS = [1, 2, 4, 8], [8, 32]
+RANKS, SUBSPACE_RANKS, SCALINGS = [1, 4, 32], [8, 32], ["alpha/r", "alpha/sqrt(r)"]
 
 
 def run_ablations(folder: Path, model_dir: Path, text_path: Path, **overrides) -> str:
@@ -25,7 +24,8 @@ def run_ablations(folder: Path, model_dir: Path, text_path: Path, **overrides) -
         "MODEL_NAME": str(model_dir), "DATA_URL": "http://127.0.0.1:9/never-used", "DATA_PATH": str(text_path),
         "DATA_SHA256": None, "BLOCK_SIZE": TINY_BLOCK_SIZE, "BATCH_SIZE": 4, "STEPS_PER_RUN": 4, "LR": 1e-2,
         "FULL_FINETUNE_LR": 1e-3, "EVAL_BATCHES": 3, "SEEDS": [1, 2], "RANKS": RANKS,
-        "SUBSPACE_RANKS": SUBSPACE_RANKS, "AMPLIFICATION_RANKS": [4, 32], "OUTPUT_DIR": "out", **overrides,
+        "SUBSPACE_RANKS": SUBSPACE_RANKS, "AMPLIFICATION_RANKS": [4, 32], "SAMPLE_TOKENS": 8, "OUTPUT_DIR": "out",
+        **overrides,
     }
     executed = folder / f"executed-{len(list(folder.glob('executed-*')))}.ipynb"
     papermill.execute_notebook(str(ABLATIONS_NOTEBOOK), str(executed), cwd=str(folder), parameters=parameters,
@@ -55,15 +55,40 @@ def ablations():
 
 
 def test_results_have_the_agreed_structure(results):
-    assert {"rank", "layers", "full_finetune", "subspace_similarity", "amplification"} <= set(results)
-    for key in ("rank", "layers", "full_finetune"):
+    assert {"rank", "layers", "full_finetune", "qv", "subspace_similarity", "amplification", "findings"} <= set(results)
+    for key in ("rank", "layers", "full_finetune", "qv"):
         assert results[key], key
         for record in results[key]:
-            assert {"name", "config", "seed", "trainable_params", "val_loss", "seconds", "peak_memory_bytes"} <= set(record)
+            assert {"name", "config", "seed", "trainable_params", "val_loss", "seconds", "seconds_per_step",
+                    "peak_memory_bytes"} <= set(record)
             assert record["val_loss"] > 0 and record["seconds"] > 0 and record["peak_memory_bytes"] > 0
-    assert sorted((r["name"], r["seed"]) for r in results["rank"]) == sorted(
-        (f"rank-{r}", s) for r in RANKS for s in (1, 2))
+            assert 0 < record["seconds_per_step"] <= record["seconds"]
+    assert sorted((r["config"]["rank"], r["config"]["scaling"], r["seed"]) for r in results["rank"]) == sorted(
+        (r, s, seed) for r in RANKS for s in SCALINGS for seed in (1, 2))
     assert len(results["layers"]) == 9 * 2 and len(results["full_finetune"]) == 2
+
+
+def test_rank_sweep_runs_each_scaling_rule_from_the_same_start(results):
+    by_rule = {s: {(r["config"]["rank"], r["seed"]): r for r in results["rank"] if r["config"]["scaling"] == s}
+               for s in SCALINGS}
+    for key, run in by_rule["alpha/r"].items():
+        other = by_rule["alpha/sqrt(r)"][key]
+        assert run["trainable_params"] == other["trainable_params"]
+        if key[0] == 1:  # the same scale at r=1 and the same initial A: the same run
+            assert run["val_loss"] == pytest.approx(other["val_loss"], abs=1e-6)
+        else:
+            assert run["val_loss"] != other["val_loss"]
+
+
+def test_findings_follow_the_contract(results):
+    findings = results["findings"]
+    assert {f["id"] for f in findings} == {"rank", "weights", "scaling", "full_finetune", "subspace", "amplification"}
+    for f in findings:
+        assert {"id", "claim", "paper", "measured", "margin", "verdict"} <= set(f)
+        assert f["verdict"] in ("agrees", "disagrees", "inconclusive") and f["claim"] and f["paper"]
+        assert f["margin"] is not None and f["margin"] >= 0  # two seeds everywhere
+        outside = abs(f["measured"]) > f["margin"]
+        assert (f["verdict"] != "inconclusive") == outside, f
 
 
 def test_every_layer_row_has_the_same_budget(results, tiny_model_dir):
@@ -71,26 +96,33 @@ def test_every_layer_row_has_the_same_budget(results, tiny_model_dir):
     budgets = {r["trainable_params"] for r in results["layers"]}
     assert budgets == {n_layer * 4 * (4 * d + 2 * d)}  # c_attn + c_proj at r=4, the reference row
     rank4 = next(r for r in results["layers"] if r["plan"] == "c_attn+c_proj" and r["seed"] == 1)
-    assert rank4["name"] == "rank-4"  # the rank sweep's run, reused
+    assert rank4["name"] == "rank-4-alpha-sqrt-r"  # the rank sweep's run under LAYER_SCALING, reused
+    assert {r["config"]["scaling"] for r in results["layers"]} == {"alpha/sqrt(r)"}
 
 
 def test_full_finetune_trains_everything(results):
     full = results["full_finetune"][0]
-    assert full["trainable_params"] > 20 * max(r["trainable_params"] for r in results["rank"])
+    lora_r4 = next(r for r in results["rank"] if r["config"]["rank"] == 4)
+    assert full["trainable_params"] > 20 * lora_r4["trainable_params"]
     assert full["config"]["lr"] != results["rank"][0]["config"]["lr"]
 
 
-def test_subspace_similarity_is_a_valid_phi_matrix(results):
+def test_subspace_similarity_is_a_valid_phi_matrix_for_wq_and_wv(results):
     subspace = results["subspace_similarity"]
-    assert subspace["ranks"] == SUBSPACE_RANKS and "block" in subspace and subspace["weight"]
-    for key in ("phi", "phi_initial", "phi_seeds"):
-        phi = torch.tensor(subspace[key])
-        assert phi.shape[0] == SUBSPACE_RANKS[0]
-        assert phi.min() >= 0 and phi.max() <= 1 + 1e-9
+    assert subspace["ranks"] == SUBSPACE_RANKS and "block" in subspace
+    for weight in ("Wq", "Wv"):
+        phi, seeds = torch.tensor(subspace[weight]["phi"]), torch.tensor(subspace[weight]["seeds"])
+        assert phi.shape == tuple(SUBSPACE_RANKS) and seeds.shape == (SUBSPACE_RANKS[1], SUBSPACE_RANKS[1])
+        for matrix in (phi, seeds, torch.tensor(subspace[weight]["phi_random"])):
+            assert matrix.min() >= 0 and matrix.max() <= 1 + 1e-9
+    assert subspace["Wq"]["phi"] != subspace["Wv"]["phi"]  # two separate adapters
+    qv = {(r["config"]["rank"], r["seed"]) for r in results["qv"]}
+    assert qv == {(r, s) for r in (4, 8, 32) for s in (1, 2)}
+    assert all(r["config"]["qkv"] == "qv" and r["config"]["scaling"] == "alpha/r" for r in results["qv"])
 
 
 def test_amplification_table(results):
-    assert [a["rank"] for a in results["amplification"]] == [4, 32]
+    assert [(a["rank"], a["seed"]) for a in results["amplification"]] == [(4, 1), (4, 2), (32, 1), (32, 2)]
     for entry in results["amplification"]:
         assert set(entry["projection_norm"]) == {"delta_w", "w", "random"}
         assert entry["amplification_factor"] == pytest.approx(entry["delta_w_norm"] / entry["projection_norm"]["delta_w"])
@@ -102,37 +134,56 @@ def test_figures_and_adapter_are_written(ablation_run):
         assert (folder / "out" / "figures" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
     assert (folder / "out" / "adapter_wq_wv" / "adapter_model.safetensors").is_file()
     assert "every row has the same budget: True" in printed
-    assert "min 1.000000, max 1.000000 (must be 1)" in printed
+    assert printed.count("phi(A, A, i, i) in [1.000000, 1.000000] (must be 1)") == 2  # Wq and Wv
 
 
-def test_a_rerun_loads_finished_runs_instead_of_training(ablation_run, tiny_model_dir, play_text_path, results):
+def test_other_knobs_or_data_keep_finished_runs_and_one_seed_is_inconclusive(ablation_run, tiny_model_dir,
+                                                                              play_text_path, tmp_path):
     folder, _ = ablation_run
-    printed = run_ablations(folder, tiny_model_dir, play_text_path)
-    assert "loaded from" in printed and "runs left" not in printed  # nothing trained again
-    again = json.loads((folder / "out" / "ablation_results.json").read_text())
-    assert [r["val_loss"] for r in again["rank"]] == [r["val_loss"] for r in results["rank"]]
-
-
-def test_other_data_is_never_answered_from_saved_runs(ablation_run, tiny_model_dir, play_text_path, tmp_path):
-    folder, _ = ablation_run
-    shutil.copytree(folder / "out", tmp_path / "run" / "out")  # the saved runs, in a folder of its own
+    runs = folder / "out" / "ablation_runs"
+    before = {p.name: p.read_bytes() for p in runs.iterdir()}
     other_text = tmp_path / "other.txt"
     other_text.write_text(play_text_path.read_text().replace("king", "duke"))
-    printed = run_ablations(tmp_path / "run", tiny_model_dir, other_text, SEEDS=[1], RANKS=[1], RUN_FULL_FINETUNE=False)
-    assert "loaded from" not in printed and "runs left" in printed
+    printed = run_ablations(folder, tiny_model_dir, other_text, SEEDS=[1], RANKS=[1], RUN_FULL_FINETUNE=False,
+                            SUBSPACE_RANKS=[4, 8], AMPLIFICATION_RANKS=[4, 8])
+    assert "runs left" in printed and "loaded from" not in printed  # other data: no saved run answers
+    assert {p.name: p.read_bytes() for p in runs.iterdir() if p.name in before} == before  # nothing overwritten
+    one_seed = json.loads((folder / "out" / "ablation_results.json").read_text())
+    assert one_seed["findings"] and {f["verdict"] for f in one_seed["findings"]} == {"inconclusive"}
+    assert all(f["margin"] is None for f in one_seed["findings"])
+    assert "± n/a" in printed and "± 0.0000" not in printed
+    assert one_seed["subspace_similarity"]["Wq"]["seeds"] is None
+
+
+def test_broken_run_files_are_moved_aside_and_only_they_retrain(ablation_run, tiny_model_dir, play_text_path,
+                                                                  results):
+    folder, _ = ablation_run
+    runs = folder / "out" / "ablation_runs"
+    truncated = next(runs.glob("rank-4-alpha-r-seed2-*.json"))
+    truncated.write_bytes(truncated.read_bytes()[:100])  # a kill in the middle of a write without the rename
+    mismatched = next(p for p in runs.glob("qv-r8-seed1-*.pt") if p.with_suffix(".json").exists())
+    mismatched.write_bytes(next(runs.glob("qv-r8-seed2-*.pt")).read_bytes())  # a record paired with other tensors
+    printed = run_ablations(folder, tiny_model_dir, play_text_path)
+    assert truncated.name in printed and mismatched.with_suffix(".json").name in printed
+    assert "not valid JSON" in printed and "its sha256 differs" in printed and printed.count("trains again") == 2
+    assert printed.count("runs left") == 2 and "loaded from" in printed  # only the two broken runs trained again
+    assert (runs / (truncated.name + ".broken")).exists() and (runs / (mismatched.name + ".broken")).exists()
+    again = json.loads((folder / "out" / "ablation_results.json").read_text())
+    key = lambda r: (r["name"], r["seed"])  # noqa: E731
+    assert {key(r): r["val_loss"] for r in again["rank"]} == pytest.approx({key(r): r["val_loss"] for r in results["rank"]})
 
 
 def test_checkpoint_sizes_count_only_what_a_checkpoint_needs(results):
-    lora = next(r for r in results["rank"] if r["name"] == "rank-4")
+    lora = next(r for r in results["rank"] if r["config"]["rank"] == 4)
     floats = lora["trainable_params"] * 4
     assert floats < lora["checkpoint_bytes"] < floats + 64 * 1024  # the A and B tensors plus pickle overhead
     assert results["full_finetune"][0]["checkpoint_bytes"] > 20 * lora["checkpoint_bytes"]
 
 
-def test_a_failed_run_keeps_the_finished_ones(tmp_path, tiny_model_dir, play_text_path):
-    with pytest.raises(papermill.PapermillExecutionError, match="rank must be a positive integer"):
-        run_ablations(tmp_path, tiny_model_dir, play_text_path, RANKS=[1, 0], SEEDS=[1])
-    assert json.loads((tmp_path / "out" / "ablation_runs" / "rank-1-seed1.json").read_text())["val_loss"] > 0
+def test_a_bad_knob_fails_before_the_first_run(tmp_path, tiny_model_dir, play_text_path):
+    with pytest.raises(papermill.PapermillExecutionError, match="RANKS holds 0"):
+        run_ablations(tmp_path, tiny_model_dir, play_text_path, RANKS=[1, 0])
+    assert not list((tmp_path / "out" / "ablation_runs").iterdir())  # failed in seconds, nothing trained
 
 
 # --- definitions in isolation --------------------------------------------------------------------------------

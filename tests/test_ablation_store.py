@@ -1,0 +1,211 @@
+"""The ablations notebook's verdict rule, scaling rules, run store and knob validation, on their own (no training)."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tools.nbcode import ABLATIONS_NOTEBOOK, load_core
+
+
+@pytest.fixture(scope="module")
+def nb():
+    return load_core(ABLATIONS_NOTEBOOK)
+
+
+# --- the verdict rule ------------------------------------------------------------------------------------------
+
+
+def test_margin_is_twice_the_pooled_sample_std(nb):
+    a, b = [1.0, 1.2, 1.1], [0.5, 0.9, 0.7]
+    gap, margin = nb.seed_gap(a, b)
+    assert gap == pytest.approx(statistics.mean(a) - statistics.mean(b))
+    assert margin == pytest.approx(2 * math.sqrt((statistics.variance(a) + statistics.variance(b)) / 2))
+
+
+@pytest.mark.parametrize(("a", "b", "sign", "expected"), [
+    ([2.0, 2.1, 1.9], [1.0, 1.1, 0.9], 1, "agrees"),  # gap 1.0, margin 0.2
+    ([2.0, 2.1, 1.9], [1.0, 1.1, 0.9], -1, "disagrees"),
+    ([1.0, 1.5, 0.5], [0.9, 1.4, 0.4], 1, "inconclusive"),  # gap 0.1 inside a margin of 1.0
+    ([5.0], [1.0], 1, "inconclusive"),  # one seed: no margin, whatever the gap
+    ([5.0, 5.0], [1.0], 1, "inconclusive"),
+])
+def test_verdict_on_synthetic_records(nb, a, b, sign, expected):
+    gap, margin = nb.seed_gap(a, b)
+    assert nb.verdict(gap, margin, sign) == expected
+    finding = nb.make_finding("rank", "claim", "paper", a, b, sign, "detail")
+    assert {"id", "claim", "paper", "measured", "margin", "verdict"} <= set(finding)
+    assert (finding["measured"], finding["margin"], finding["verdict"]) == (gap, margin, expected)
+    json.dumps(finding)  # goes into ablation_results.json as is
+
+
+def test_one_seed_has_no_margin_and_a_gap_on_the_margin_is_inconclusive(nb):
+    assert nb.seed_gap([1.0], [2.0, 3.0]) == (-1.5, None)
+    assert nb.verdict(0.2, 0.2, 1) == "inconclusive" and nb.verdict(-0.3, 0.2, 1) == "disagrees"
+    with pytest.raises(ValueError, match="expected_sign"):
+        nb.verdict(1.0, 0.1, 0)
+    with pytest.raises(ValueError, match="at least one value"):
+        nb.seed_gap([], [1.0])
+
+
+# --- scaling rules -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("rule", "scale"), [("alpha/r", 8 / 16), ("alpha/sqrt(r)", 8 / 4)])
+def test_each_rule_gives_its_exact_scale(nb, rule, scale):
+    assert nb.LoRALayer(64, 64, 16, 8, rule).scaling == scale
+    assert nb.LoRALayer(64, 64, 1, 8, rule).scaling == 8.0  # the two rules meet at r=1
+
+
+@pytest.mark.parametrize("rule", ["alpha/r", "alpha/sqrt(r)"])
+def test_sliced_adapters_apply_the_rule(nb, tiny_model_dir, rule):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    nb.inject_plan(model, [], "qv", rank=4, alpha=8, scaling=rule)
+    module = model.transformer.h[0].attn.c_attn
+    qkv = module.parametrizations.weight[0]
+    with torch.no_grad():
+        for layer in qkv.lora.values():
+            layer.B.normal_()
+        delta = module.weight - module.parametrizations.weight.original
+        q = qkv.lora["q"]
+        expected = (8 / 4 if rule == "alpha/r" else 8 / 2) * (q.B @ q.A).T
+        assert torch.allclose(delta[:, : qkv.width], expected, atol=1e-5)
+        assert torch.count_nonzero(delta[:, qkv.width : 2 * qkv.width]) == 0
+
+
+def test_whole_module_plans_apply_the_rule(nb, tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    nb.inject_plan(model, ["attn.c_proj"], "", rank=4, alpha=8, scaling="alpha/sqrt(r)")
+    assert {layer.scaling for layer in nb.lora_layers(model).values()} == {4.0}
+
+
+# --- the run store -----------------------------------------------------------------------------------------------
+
+
+def _config(**changes):
+    return {"rank": 4, "scaling": "alpha/r", "lr": 2e-4, "data": "abc", **changes}
+
+
+def _save(nb, runs, config, seed=1, value=0.5):
+    record = {"name": "rank-4", "config": config, "seed": seed, "val_loss": 3.0, "trainable_params": 8}
+    tensors = {"trained": {"x.A": torch.full((2, 2), value), "x.B": torch.zeros(2, 2)}, "initial_A": {}}
+    path = nb.run_file(runs, "rank-4", seed, config)
+    return path, nb.save_run(record, tensors, path)
+
+
+def test_a_saved_run_loads_with_its_tensors(nb, tmp_path):
+    path, saved = _save(nb, tmp_path, _config())
+    loaded = nb.load_run(path, _config())
+    assert loaded == saved and loaded["tensors_file"] == path.with_suffix(".pt").name
+    assert torch.equal(nb.load_run_tensors(tmp_path, loaded)["trained"]["x.A"], torch.full((2, 2), 0.5))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, path.with_suffix(".pt").name])  # no temp
+
+
+def test_other_knobs_get_other_files_and_keep_the_old_ones(nb, tmp_path):
+    old, _ = _save(nb, tmp_path, _config())
+    new, _ = _save(nb, tmp_path, _config(lr=1e-3), value=0.9)
+    assert old != new and nb.load_run(old, _config()) is not None and nb.load_run(new, _config(lr=1e-3)) is not None
+    assert nb.load_run(nb.run_file(tmp_path, "rank-4", 1, _config(rank=8)), _config(rank=8)) is None  # never run
+
+
+def test_a_truncated_record_is_moved_aside_and_named(nb, tmp_path, capsys):
+    path, _ = _save(nb, tmp_path, _config())
+    path.write_bytes(path.read_bytes()[:20])
+    assert nb.load_run(path, _config()) is None
+    message = capsys.readouterr().out
+    assert str(path) in message and "not valid JSON" in message and "trains again" in message
+    assert not path.exists() and (tmp_path / (path.name + ".broken")).exists()
+    assert (tmp_path / (path.with_suffix(".pt").name + ".broken")).exists()
+
+
+def test_truncated_or_mismatched_tensors_are_moved_aside(nb, tmp_path, capsys):
+    path, _ = _save(nb, tmp_path, _config())
+    other, _ = _save(nb, tmp_path, _config(lr=1e-3), value=0.9)
+    tensors = path.with_suffix(".pt")
+    tensors.write_bytes(other.with_suffix(".pt").read_bytes())  # a record paired with another run's tensors
+    assert nb.load_run(path, _config()) is None
+    assert "sha256 differs" in capsys.readouterr().out
+    path2, _ = _save(nb, tmp_path, _config())  # trained again: a fresh pair
+    path2.with_suffix(".pt").write_bytes(path2.with_suffix(".pt").read_bytes()[:-10])  # truncated
+    assert nb.load_run(path2, _config()) is None
+    assert (tmp_path / (tensors.name + ".broken1")).exists()  # the earlier .broken is never overwritten
+
+
+def test_a_record_under_another_configs_name_is_moved_aside(nb, tmp_path, capsys):
+    path, _ = _save(nb, tmp_path, _config())
+    impostor = nb.run_file(tmp_path, "rank-4", 1, _config(lr=1e-3))
+    path.rename(impostor)
+    assert nb.load_run(impostor, _config(lr=1e-3)) is None
+    assert "not the one its file name stands for" in capsys.readouterr().out
+
+
+def test_a_kill_between_the_two_writes_leaves_no_record(nb, tmp_path, monkeypatch):
+    config = _config()
+    path = nb.run_file(tmp_path, "rank-4", 1, config)
+    real = nb.atomic_write
+    calls = []
+
+    def killed_after_tensors(target, data):
+        calls.append(target)
+        if target.suffix == ".json":
+            raise KeyboardInterrupt  # the kernel dies before the record is written
+        real(target, data)
+
+    monkeypatch.setitem(nb.save_run.__globals__, "atomic_write", killed_after_tensors)
+    with pytest.raises(KeyboardInterrupt):
+        nb.save_run({"name": "rank-4", "config": config, "seed": 1}, {"trained": {}}, path)
+    monkeypatch.undo()
+    assert [c.suffix for c in calls] == [".pt", ".json"] and not path.exists()
+    assert nb.load_run(path, config) is None  # so the run trains again; the orphan .pt is replaced atomically
+    _save(nb, tmp_path, config)
+    assert nb.load_run(path, config) is not None
+
+
+def test_atomic_write_leaves_the_old_file_when_interrupted(nb, tmp_path):
+    target = tmp_path / "run.json"
+    target.write_text("old")
+
+    with pytest.raises(TypeError):
+        nb.atomic_write(target, object())  # fails inside the write
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["run.json"]
+
+
+# --- knob validation ---------------------------------------------------------------------------------------------
+
+GOOD = {
+    "SEEDS": [0, 1, 2], "RANKS": [1, 4, 16, 64], "SCALINGS": ["alpha/r", "alpha/sqrt(r)"],
+    "RANK_TARGETS": ["attn.c_attn", "attn.c_proj"], "SUBSPACE_RANKS": [8, 64], "AMPLIFICATION_RANKS": [4, 64],
+    "LAYER_SCALING": "alpha/sqrt(r)", "ANALYSIS_BLOCK": None, "STEPS_PER_RUN": 400,
+}
+MODULES = [f"transformer.h.{i}.{m}" for i in range(12) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc")]
+
+
+def test_the_defaults_pass(nb):
+    nb.validate_knobs(GOOD, n_layer=12, max_rank=768, module_names=MODULES)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"RANKS": []}, "RANKS is empty"),
+    ({"RANKS": [4, 4]}, "RANKS lists 4 more than once"),
+    ({"SEEDS": [1, 1]}, "SEEDS lists 1 more than once"),
+    ({"RANKS": [1, 1024]}, "RANKS holds 1024, above 768"),
+    ({"RANKS": [1, 0]}, "RANKS holds 0"),
+    ({"RANKS": "1, 4"}, "RANKS must be a list"),
+    ({"SCALINGS": ["alpha"]}, "SCALINGS holds 'alpha'"),
+    ({"RANK_TARGETS": ["c_attention"]}, "RANK_TARGETS holds 'c_attention'"),
+    ({"SUBSPACE_RANKS": [8]}, "SUBSPACE_RANKS must hold exactly 2 values"),
+    ({"SUBSPACE_RANKS": [64, 8]}, r"SUBSPACE_RANKS must be \[smaller rank, larger rank\]"),
+    ({"AMPLIFICATION_RANKS": [4, 2048]}, "AMPLIFICATION_RANKS holds 2048"),
+    ({"ANALYSIS_BLOCK": 12}, "ANALYSIS_BLOCK must be None or a block index from 0 to 11"),
+    ({"ANALYSIS_BLOCK": -1}, "ANALYSIS_BLOCK must be None"),
+    ({"LAYER_SCALING": "r"}, "LAYER_SCALING must be one of"),
+    ({"STEPS_PER_RUN": 0}, "STEPS_PER_RUN must be an integer"),
+])
+def test_a_bad_knob_is_named_with_its_fix(nb, change, message):
+    with pytest.raises(ValueError, match=message):
+        nb.validate_knobs(GOOD | change, n_layer=12, max_rank=768, module_names=MODULES)
