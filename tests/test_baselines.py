@@ -132,8 +132,8 @@ def test_unknown_baseline_and_bad_knobs_are_clear_errors(nb, tiny_model_dir):
         nb.apply_baseline(model, "lora")
     with pytest.raises(ValueError, match="BASELINES must be distinct"):
         nb.check_baseline_knobs(["bitfit", "bitfit"], [[1, 8]], 3, 1, 128)
-    with pytest.raises(ValueError, match="LATENCY_SHAPES .* tokens <= 128"):
-        nb.check_baseline_knobs(["bitfit"], [[1, 512]], 3, 1, 128)
+    with pytest.raises(ValueError, match="LATENCY_SHAPES_CPU must be .* tokens <= 128"):
+        nb.check_baseline_knobs(["bitfit"], [[1, 512]], 3, 1, 128, "LATENCY_SHAPES_CPU")
     with pytest.raises(ValueError, match="LATENCY_REPEATS must be an integer of at least 2"):
         nb.check_baseline_knobs(["bitfit"], [[1, 8]], 1, 1, 128)
     nb.apply_baseline(model, "adapter_l")
@@ -178,7 +178,7 @@ def baseline_results(tmp_path_factory, tiny_model_dir, play_text_path):
     folder = tmp_path_factory.mktemp("baselines")
     printed = run_ablations(
         folder, tiny_model_dir, play_text_path, SEEDS=[1, 2], RANKS=[4], SUBSPACE_RANKS=[4, 8],
-        AMPLIFICATION_RANKS=[4, 8], RUN_FULL_FINETUNE=False, LATENCY_SHAPES=[[2, TINY_BLOCK_SIZE], [1, 8]],
+        AMPLIFICATION_RANKS=[4, 8], RUN_FULL_FINETUNE=False, RUN_BASELINES=True, LATENCY_SHAPES=[[2, TINY_BLOCK_SIZE], [1, 8]],
         LATENCY_SHAPES_CPU=[[2, TINY_BLOCK_SIZE], [1, 8]], LATENCY_REPEATS=3, LATENCY_WARMUP=1,
     )
     return folder, printed, json.loads((folder / "out" / "ablation_results.json").read_text())
