@@ -186,7 +186,7 @@ MODULES = [f"transformer.h.{i}.{m}" for i in range(12) for m in ("attn.c_attn", 
 
 
 def test_the_defaults_pass(nb):
-    nb.validate_knobs(GOOD, n_layer=12, max_rank=768, module_names=MODULES)
+    nb.validate_ablation_knobs(GOOD, n_layer=12, max_rank=768, module_names=MODULES)
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -208,4 +208,4 @@ def test_the_defaults_pass(nb):
 ])
 def test_a_bad_knob_is_named_with_its_fix(nb, change, message):
     with pytest.raises(ValueError, match=message):
-        nb.validate_knobs(GOOD | change, n_layer=12, max_rank=768, module_names=MODULES)
+        nb.validate_ablation_knobs(GOOD | change, n_layer=12, max_rank=768, module_names=MODULES)

@@ -25,7 +25,7 @@ def run_ablations(folder: Path, model_dir: Path, text_path: Path, **overrides) -
         "DATA_SHA256": None, "BLOCK_SIZE": TINY_BLOCK_SIZE, "BATCH_SIZE": 4, "STEPS_PER_RUN": 4, "LR": 1e-2,
         "FULL_FINETUNE_LR": 1e-3, "EVAL_BATCHES": 3, "SEEDS": [1, 2], "RANKS": RANKS,
         "SUBSPACE_RANKS": SUBSPACE_RANKS, "AMPLIFICATION_RANKS": [4, 32], "SAMPLE_TOKENS": 8, "OUTPUT_DIR": "out",
-        **overrides,
+        "RUN_BASELINES": False, **overrides,
     }
     executed = folder / f"executed-{len(list(folder.glob('executed-*')))}.ipynb"
     papermill.execute_notebook(str(ABLATIONS_NOTEBOOK), str(executed), cwd=str(folder), parameters=parameters,

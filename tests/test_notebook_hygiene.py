@@ -27,7 +27,7 @@ MAIN_PARAMETERS = {
     "OUTPUT_DIR": ".",
 }
 # Sections of arXiv 2106.09685 v2 the notebooks may cite (see shared PAPER_FACTS).
-PAPER_SECTIONS = {"4", "4.1", "4.2", "5", "5.1", "5.2", "5.3", "5.4", "5.5", "7", "7.1", "7.2", "7.3"}
+PAPER_SECTIONS = {"3", "4", "4.1", "4.2", "5", "5.1", "5.2", "5.3", "5.4", "5.5", "7", "7.1", "7.2", "7.3"}
 
 
 def test_main_notebook_exists():
