@@ -2,6 +2,7 @@
 
     python benchmarks/benchmark.py                  # GPT-2 small shape, random init, batch 2 x 256
     python benchmarks/benchmark.py --device cuda --steps 20 --out results.json
+    python benchmarks/benchmark.py --device cuda --precision fp16   # a T4's path (fp16 + gradient scaler) anywhere
 
 Our LoRA is the main notebook's own `lora-core` code, loaded from the notebook. Peak memory is measured with
 each training variant alone in a fresh subprocess. Step times are measured with all variants in one process,
@@ -40,8 +41,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--alpha", type=float, default=8)
-    parser.add_argument("--dropout", type=float, default=None,
-                        help="override GPT-2's dropouts (all variants alike); default: the model's own (0.1)")
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="GPT-2's own residual, embedding and attention dropout, all variants alike; default 0.0, "
+                             "the notebooks' default (the paper's GPT-2 has none); 0.1 is GPT-2's config value")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="precision of the lora_mixed variant; auto is the notebooks' choice for the device "
+                             "(fp16 with a gradient scaler on GPUs older than Ampere, bf16 on newer ones and on CPUs "
+                             "with native bf16, else fp32)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed training steps per variant")
     parser.add_argument("--steps", type=int, default=9, help="timed training steps per variant, taken in turns")
     parser.add_argument("--rounds", type=int, default=5, help="timed generation rounds over the four variants")
@@ -50,7 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--only", choices=["train", "inference"], default=None, help="run one half only")
     parser.add_argument("--out", default=None, help="JSON path; default benchmarks/results/<device>.json")
     parser.add_argument("--worker", choices=TRAIN_VARIANTS, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.dropout < 1.0:
+        parser.error(f"--dropout must be in [0, 1), got {args.dropout}; 0 is the notebooks' default")
+    return args
 
 
 # --- shared setup -------------------------------------------------------------------------------------------
@@ -69,8 +78,7 @@ def build_model(args, core, device):
 
     if args.model:
         return core.load_base_model(args.model, device, dropout=args.dropout)
-    overrides = {} if args.dropout is None else {"resid_pdrop": args.dropout, "embd_pdrop": args.dropout,
-                                                 "attn_pdrop": args.dropout}
+    overrides = {"resid_pdrop": args.dropout, "embd_pdrop": args.dropout, "attn_pdrop": args.dropout}
     torch.manual_seed(0)
     return GPT2LMHeadModel(GPT2Config(**overrides)).to(device).eval()
 
@@ -128,7 +136,7 @@ def build_variant(args, core, device, variant: str):
         torch.manual_seed(0)
         core.inject_lora(model, TARGETS, args.rank, args.alpha)
         if variant == "lora_mixed":
-            precision = core.choose_precision("auto", device)  # the notebook's own choice for this device
+            precision = core.choose_precision(args.precision, device)  # the notebook's own rule for "auto"
     else:  # peft_fp32: the same rank, alpha and targets, no LoRA dropout (ours has none)
         from peft import LoraConfig, get_peft_model
 
@@ -148,10 +156,13 @@ def random_batch(args, vocab_size: int, device, seed: int):
     return torch.randint(0, vocab_size, (args.batch_size, args.block_size), generator=generator).to(device)
 
 
-def timed_step(core, variant_state, batch, device) -> float:
+def timed_step(core, variant_state, batch, device) -> tuple[float, bool]:
+    """Seconds of one step of the notebook's own train_step, and whether the gradient scaler skipped it."""
     model, optimizer, scaler, precision = variant_state
-    # the notebook's own training step
-    return timed(lambda: core.train_step(model, batch, optimizer, scaler, device, precision), device)
+    scale = scaler.get_scale() if scaler.is_enabled() else None  # read outside the timed region (it syncs)
+    seconds = timed(lambda: core.train_step(model, batch, optimizer, scaler, device, precision), device)
+    skipped = scale is not None and scaler.get_scale() < scale  # the scaler lowers its scale when it skips a step
+    return seconds, skipped
 
 
 def memory_worker(args) -> dict:
@@ -161,6 +172,7 @@ def memory_worker(args) -> dict:
     state = build_variant(args, core, device, args.worker)
     for seed in range(2):  # AdamW allocates its state on the first step: the peak is within two
         timed_step(core, state, random_batch(args, state[0].config.vocab_size, device, seed), device)
+    sync(device)
     trainable = sum(p.numel() for p in state[0].parameters() if p.requires_grad)
     return {"variant": args.worker, "peak_memory_bytes": peak_memory_bytes(device), "trainable_params": trainable,
             "precision": state[3]}
@@ -169,11 +181,9 @@ def memory_worker(args) -> dict:
 def run_memory_worker(args, variant: str) -> dict:
     command = [sys.executable, __file__, "--worker", variant, "--device", args.device,
                "--batch-size", str(args.batch_size), "--block-size", str(args.block_size), "--rank", str(args.rank),
-               "--alpha", str(args.alpha)]
+               "--alpha", str(args.alpha), "--dropout", str(args.dropout), "--precision", args.precision]
     if args.model:
         command += ["--model", args.model]
-    if args.dropout is not None:
-        command += ["--dropout", str(args.dropout)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"training variant {variant} failed:\n{done.stderr[-3000:]}")
@@ -184,12 +194,14 @@ def benchmark_training(args, core, device) -> list[dict]:
     memory = {variant: run_memory_worker(args, variant) for variant in TRAIN_VARIANTS}
     states = {variant: build_variant(args, core, device, variant) for variant in TRAIN_VARIANTS}
     seconds = {variant: [] for variant in TRAIN_VARIANTS}
+    skipped = dict.fromkeys(TRAIN_VARIANTS, 0)
     vocab = states["full_finetune"][0].config.vocab_size
     for step in range(args.warmup + args.steps):
         batch = random_batch(args, vocab, device, seed=step)
         order = TRAIN_VARIANTS if step % 2 == 0 else TRAIN_VARIANTS[::-1]  # no variant always goes first
         for variant in order:
-            elapsed = timed_step(core, states[variant], batch, device)
+            elapsed, was_skipped = timed_step(core, states[variant], batch, device)
+            skipped[variant] += was_skipped
             if step >= args.warmup:
                 seconds[variant].append(elapsed)
         print(f"  step {step + 1}/{args.warmup + args.steps}: " + ", ".join(
@@ -203,7 +215,8 @@ def benchmark_training(args, core, device) -> list[dict]:
                      "peak_memory_bytes": memory[variant]["peak_memory_bytes"],
                      "trainable_params": memory[variant]["trainable_params"], "precision": memory[variant]["precision"],
                      "step_seconds_min": min(seconds[variant]), "step_seconds_max": max(seconds[variant]),
-                     "samples": len(seconds[variant])})
+                     "samples": len(seconds[variant]), "skipped_steps": skipped[variant],
+                     "steps_taken": args.warmup + args.steps})
     return rows
 
 
@@ -320,12 +333,13 @@ def markdown_report(result: dict) -> str:
     if result.get("train"):
         full = next(r for r in result["train"] if r["variant"] == "full_finetune")
         out += ["| training variant | precision | s/step (median) | spread (min-max) | tokens/s | peak memory (GB) |"
-                " trainable params | step vs full FT |", "|---|---|---|---|---|---|---|---|"]
+                " trainable params | step vs full FT | scaler skipped |", "|---|---|---|---|---|---|---|---|---|"]
         for r in result["train"]:
+            scaler_note = f"{r['skipped_steps']} of {r['steps_taken']}" if r["precision"] == "fp16" else "no scaler"
             out.append(f"| {r['variant']} | {r['precision']} | {r['step_seconds']:.3f} | "
                        f"{r['step_seconds_min']:.3f}-{r['step_seconds_max']:.3f} | {r['tokens_per_second']:,.0f} | "
                        f"{r['peak_memory_bytes'] / 1e9:.2f} | {r['trainable_params']:,} | "
-                       f"{r['step_seconds'] / full['step_seconds']:.2f}x |")
+                       f"{r['step_seconds'] / full['step_seconds']:.2f}x | {scaler_note} |")
         out.append("")
     if result.get("generate"):
         base = next(r for r in result["generate"] if r["variant"] == "base")
@@ -354,7 +368,7 @@ def main(argv=None) -> None:
     result = {"machine": machine_info(core, device),
               "config": {"model": args.model or "GPT2Config() random init", "batch_size": args.batch_size,
                          "block_size": args.block_size, "rank": args.rank, "alpha": args.alpha,
-                         "targets": TARGETS, "dropout": "model default" if args.dropout is None else args.dropout,
+                         "targets": TARGETS, "dropout": args.dropout, "precision": args.precision,
                          "rounds": args.rounds, "warmup": args.warmup, "steps": args.steps}}
     if args.only != "inference":
         result["train"] = benchmark_training(args, core, device)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import random
 import sys
 from pathlib import Path
 
@@ -13,41 +12,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tools.nbcode import MAIN_NOTEBOOK, load_core  # noqa: E402
+from tools.offline_gpt2 import make_play_text, save_tiny_gpt2  # noqa: E402,F401  (shared with benchmarks/gpu_check.sh)
 
 TINY_BLOCK_SIZE = 32
-
-
-def make_play_text(n_lines: int = 1500, seed: int = 0) -> str:
-    """A small, regular 'play': speakers and lines from a tiny grammar, so a model can learn it."""
-    rng = random.Random(seed)
-    speakers = ["ROMEO", "JULIET", "HAMLET", "OPHELIA", "KING", "QUEEN"]
-    subjects = ["the king", "my lord", "the queen", "this night", "sweet love", "the moon"]
-    verbs = ["is", "was", "shall be", "must be", "seems"]
-    objects = ["fair", "dead", "gone", "true", "false", "here", "kind"]
-    lines = []
-    for _ in range(n_lines):
-        lines.append(f"{rng.choice(speakers)}:\n{rng.choice(subjects).capitalize()} {rng.choice(verbs)} "
-                     f"{rng.choice(objects)}, and {rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}.\n")
-    return "\n".join(lines)
-
-
-def save_tiny_gpt2(folder: Path, text: str, seed: int = 0, n_layer: int = 2, n_embd: int = 64) -> Path:
-    """Train a byte-level BPE tokenizer on text and save it with a random tiny GPT-2, as from_pretrained expects."""
-    import torch
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
-
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([text], vocab_size=400, min_frequency=2, special_tokens=["<|endoftext|>"])
-    tokenizer = GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>",
-                                  eos_token="<|endoftext|>", unk_token="<|endoftext|>")
-    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    config = GPT2Config(n_layer=n_layer, n_head=2, n_embd=n_embd, n_positions=128, vocab_size=len(tokenizer),
-                        bos_token_id=eos, eos_token_id=eos)
-    torch.manual_seed(seed)
-    GPT2LMHeadModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def notebook_stdout(executed: Path) -> str:
