@@ -159,10 +159,13 @@ def test_broken_run_files_are_moved_aside_and_only_they_retrain(ablation_run, ti
                                                                   results):
     folder, _ = ablation_run
     runs = folder / "out" / "ablation_runs"
-    truncated = next(runs.glob("rank-4-alpha-r-seed2-*.json"))
+    def first_run(pattern: str) -> Path:  # the fixture's run: other tests add runs with other knobs beside it
+        return min((p for p in runs.glob(pattern) if p.with_suffix(".json").exists()), key=lambda p: p.stat().st_mtime)
+
+    truncated = first_run("rank-4-alpha-r-seed2-*.json")
     truncated.write_bytes(truncated.read_bytes()[:100])  # a kill in the middle of a write without the rename
-    mismatched = next(p for p in runs.glob("qv-r8-seed1-*.pt") if p.with_suffix(".json").exists())
-    mismatched.write_bytes(next(runs.glob("qv-r8-seed2-*.pt")).read_bytes())  # a record paired with other tensors
+    mismatched = first_run("qv-r8-seed1-*.pt")
+    mismatched.write_bytes(first_run("qv-r8-seed2-*.pt").read_bytes())  # a record paired with other tensors
     printed = run_ablations(folder, tiny_model_dir, play_text_path)
     assert truncated.name in printed and mismatched.with_suffix(".json").name in printed
     assert "not valid JSON" in printed and "its sha256 differs" in printed and printed.count("trains again") == 2

@@ -31,7 +31,7 @@ MAIN_PARAMETERS = {
     "DATA_PATH": "data/tinyshakespeare.txt",
     "DATA_SHA256": "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
     "VAL_FRACTION": 0.1, "BLOCK_SIZE": 256, "BATCH_SIZE": 2, "EPOCHS": 3, "MAX_STEPS": None, "LR": 1e-4,
-    "WEIGHT_DECAY": 0.01, "RANK": 4, "ALPHA": 8, "TARGET_MODULES": ["attn.c_attn", "attn.c_proj"],
+    "WEIGHT_DECAY": 0.01, "DROPOUT": 0.0, "RANK": 4, "ALPHA": 8, "TARGET_MODULES": ["attn.c_attn", "attn.c_proj"],
     "EVAL_BATCHES": None, "PROMPT": "To be or not to be", "SEED": 1337, "DEVICE": "auto", "PRECISION": "auto",
     "OUTPUT_DIR": ".",
 }
