@@ -46,3 +46,27 @@ def play_text_sha256(play_text_path) -> str:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, play_text_path) -> Path:
     return save_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"), play_text_path.read_text(encoding="utf-8"))
+
+
+@pytest.fixture
+def fresh(tiny_model_dir):
+    """A factory of fresh tiny GPT-2s, in eval mode, loaded through from_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    return lambda: AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+
+@pytest.fixture
+def batch():
+    """Two rows of 16 token ids, the same every time."""
+    import torch
+
+    return torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model, batch):
+    """The model's logits for batch, without gradients."""
+    import torch
+
+    with torch.no_grad():
+        return model(batch).logits

@@ -16,25 +16,10 @@ import numpy as np
 import papermill
 import pytest
 import torch
-from conftest import MAIN_NOTEBOOK, TINY_BLOCK_SIZE
+from conftest import MAIN_NOTEBOOK, TINY_BLOCK_SIZE, logits
 from transformers import AutoModelForCausalLM
 
 TARGETS = ["attn.c_attn", "attn.c_proj"]
-
-
-@pytest.fixture
-def fresh(tiny_model_dir):
-    return lambda: AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-
-
-@pytest.fixture
-def batch():
-    return torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
-
-
-def logits(model, batch):
-    with torch.no_grad():
-        return model(batch).logits
 
 
 def trained(core, model, scaling="alpha/r"):

@@ -7,6 +7,7 @@ import pickle
 
 import pytest
 import torch
+from conftest import logits
 from torch.nn.utils import parametrize
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
@@ -17,16 +18,6 @@ TARGETS = ["attn.c_attn", "attn.c_proj"]
 @pytest.fixture
 def tiny(tiny_model_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-
-
-@pytest.fixture
-def batch():
-    return torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
-
-
-def logits(model, batch):
-    with torch.no_grad():
-        return model(batch).logits
 
 
 def randomize_b(core, model, seed=1):

@@ -9,25 +9,15 @@ import json
 
 import pytest
 import torch
+from conftest import logits
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM
 
 TOL = 1e-5
 
 
 @pytest.fixture
-def fresh(tiny_model_dir):
-    return lambda: AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-
-
-@pytest.fixture
 def batch():
     return torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
-
-
-def logits(model, batch):
-    with torch.no_grad():
-        return model(batch).logits
 
 
 def max_diff(a, b) -> float:
