@@ -193,6 +193,7 @@ def test_the_defaults_pass(nb):
     ({"RANKS": []}, "RANKS is empty"),
     ({"RANKS": [4, 4]}, "RANKS lists 4 more than once"),
     ({"SEEDS": [1, 1]}, "SEEDS lists 1 more than once"),
+    ({"SCALINGS": ["alpha/r", "alpha/r"]}, r"SCALINGS lists 'alpha/r' more than once: give each value once\.$"),
     ({"RANKS": [1, 1024]}, "RANKS holds 1024, above 768"),
     ({"RANKS": [1, 0]}, "RANKS holds 0"),
     ({"RANKS": "1, 4"}, "RANKS must be a list"),

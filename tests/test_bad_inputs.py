@@ -540,3 +540,10 @@ def test_a_block_size_beyond_the_model_stops_right_after_loading_it(tmp_path, ti
     error, failed, ran_after = _run_with(tmp_path, tiny_model_dir, play_text_path, play_text_sha256, BLOCK_SIZE=129)
     assert error.ename == "ValueError" and "BLOCK_SIZE = 129 but this model has only 128 positions" in error.evalue
     assert "check_sequence_lengths(" in failed.source and ran_after == []
+
+
+def test_a_rank_wider_than_the_model_stops_right_after_loading_it(tmp_path, tiny_model_dir, play_text_path,
+                                                                  play_text_sha256):
+    error, failed, ran_after = _run_with(tmp_path, tiny_model_dir, play_text_path, play_text_sha256, RANK=65)
+    assert error.ename == "ValueError" and "RANK = 65 is larger than this model's width 64" in error.evalue
+    assert "load_base_model(" in failed.source and ran_after == []

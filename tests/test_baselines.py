@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import statistics
 
+import papermill
 import pytest
 import torch
 from conftest import TINY_BLOCK_SIZE
@@ -226,3 +227,9 @@ def test_one_switch_turns_the_section_off(tmp_path, tiny_model_dir, play_text_pa
     assert results["baselines"] == [] and results["latency"] == []
     assert not {"latency", "baselines"} & {f["id"] for f in results["findings"]}
     assert not list((tmp_path / "out" / "ablation_runs").glob("adapter*"))
+
+
+def test_a_bad_baseline_knob_fails_before_the_first_run(tmp_path, tiny_model_dir, play_text_path):
+    with pytest.raises(papermill.PapermillExecutionError, match=r"unknown \['nope'\]"):
+        run_ablations(tmp_path, tiny_model_dir, play_text_path, RUN_BASELINES=True, BASELINES=["bitfit", "nope"])
+    assert not list((tmp_path / "out" / "ablation_runs").iterdir())  # failed in seconds, nothing trained
