@@ -21,6 +21,8 @@ import pytest
 from conftest import REPO
 
 README = REPO / "README.md"
+DOCS = REPO / "docs"  # the pages the README links to for everything beyond a two-minute read
+README_MAX_LINES = 150
 GIT = shutil.which("git")
 # Small knobs for the tiny model (128 positions); every other knob keeps the README's value.
 TINY_KNOBS = {"MAX_STEPS": "3", "BLOCK_SIZE": "32", "BATCH_SIZE": "4", "EVAL_INTERVAL": "3", "EVAL_BATCHES": "2",
@@ -77,14 +79,65 @@ def test_install_block_uses_a_venv_and_the_requirements():
     assert words[1] == "lora_from_scratch.ipynb" and words[2].startswith("runs/")
 
 
-def test_every_papermill_command_in_the_readme_writes_under_runs():
-    """Each executed copy and each OUTPUT_DIR the README gives lies under the git-ignored runs/."""
-    commands = [shlex.split(m.split(" #")[0]) for m in re.findall(r"^.*papermill \S+\.ipynb .*$", README.read_text(), re.M)]
-    assert len(commands) >= 3
+def papermill_commands(page: Path) -> list[list[str]]:
+    return [shlex.split(m.split(" #")[0]) for m in re.findall(r"^.*papermill \S+\.ipynb .*$", page.read_text(), re.M)]
+
+
+@pytest.mark.parametrize("page", [README, *sorted(DOCS.glob("*.md"))], ids=lambda page: page.name)
+def test_every_papermill_command_in_the_readme_and_docs_writes_under_runs(page):
+    """Each executed copy and each OUTPUT_DIR the README (or a docs/ page) gives lies under the git-ignored runs/."""
+    commands = papermill_commands(page)
+    if page == README:
+        assert len(commands) >= 3
     for words in commands:
         words = words[words.index("papermill"):]
         assert words[2].startswith("runs/"), words
         assert "OUTPUT_DIR" in words and words[words.index("OUTPUT_DIR") + 1].startswith("runs/"), words
+
+
+def test_readme_test_command_is_the_one_ci_runs():
+    [command] = [line for line in readme_block("tests") if "pytest" in line]
+    assert command.split("&&")[-1].strip() == "python3 -m pytest tests -q"
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    assert re.search(r"^run_pytest \"[^\"]*\" python3 tests -q$", ci, re.M), ".ci/run no longer runs `python3 tests -q`"
+
+
+def heading_anchors(page: Path) -> set[str]:
+    """GitHub's anchors for the page's headings: lower case, punctuation dropped, spaces to hyphens."""
+    headings = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S), re.M)
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-") for heading in headings}
+
+
+def relative_links(page: Path) -> list[str]:
+    """The page's markdown link targets that point into this repository (no scheme, no bare anchor)."""
+    targets = re.findall(r"\]\(([^)\s]+)\)", page.read_text(encoding="utf-8"))
+    return [target for target in targets if not re.match(r"[a-z]+:", target) and not target.startswith("#")]
+
+
+def broken_links(page: Path) -> list[str]:
+    broken = []
+    for target in relative_links(page):
+        path, _, anchor = target.partition("#")
+        file = (page.parent / path).resolve()
+        if not file.is_file() or (anchor and file.suffix == ".md" and anchor not in heading_anchors(file)):
+            broken.append(target)
+    return broken
+
+
+def test_readme_is_a_two_minute_read_and_its_docs_links_resolve():
+    lines = README.read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= README_MAX_LINES, f"README.md has {len(lines)} lines; move detail to docs/ (at most {README_MAX_LINES})"
+    docs_links = [target for target in relative_links(README) if target.startswith("docs/")]
+    assert docs_links, "README.md links to no docs/ page"
+    assert broken_links(README) == [], "README.md links to files or headings that do not exist"
+    linked = {target.partition("#")[0] for target in docs_links}
+    pages = {f"docs/{page.name}" for page in DOCS.glob("*.md")}
+    assert pages <= linked, f"docs/ pages the README never links to: {sorted(pages - linked)}"
+
+
+@pytest.mark.parametrize("page", sorted(DOCS.glob("*.md")), ids=lambda page: page.name)
+def test_every_link_of_a_docs_page_resolves(page):
+    assert broken_links(page) == [], f"{page.name} links to files or headings that do not exist"
 
 
 def test_readme_states_the_python_floor_and_requirements_hold_the_true_floors():
