@@ -80,7 +80,7 @@ PROMPT_TOKENS = 8  # the generation prompt's length
 
 
 def argument_problem(args) -> str | None:
-    """What is wrong with the options, or None: counts, alpha, dropout, --model and --out, without building anything."""
+    """What is wrong with the options' values, or None: counts, alpha, dropout, an empty --model."""
     for name, (low, what) in COUNT_FLOORS.items():
         if getattr(args, name) < low:
             return f"--{name.replace('_', '-')} must be at least {low} ({what}), got {getattr(args, name)}"
@@ -90,14 +90,17 @@ def argument_problem(args) -> str | None:
         return f"--dropout must be in [0, 1), got {args.dropout}; 0 is the notebooks' default"
     if args.model is not None and not args.model.strip():
         return "--model is empty: give a hub id or a folder, or leave --model out for GPT-2 small's shape at random init"
+    return None
+
+
+def paths_problem(args) -> str | None:
+    """What is wrong with --model's folder or --out, or None (gpu_check.py checks options before the folder exists)."""
     model = Path(args.model).expanduser() if args.model else None
     if model and (model.exists() or args.model.startswith(("/", ".", "~"))) and not model.is_dir():
         what = "is a file" if model.exists() else "does not exist"
         return (f"--model {args.model} {what}: give a folder written by save_pretrained, or a hub id such as "
                 "openai-community/gpt2 (the default, no --model, is GPT-2 small's shape at random init)")
-    if args.out and not args.worker:
-        return out_path_problem(Path(args.out))
-    return None
+    return out_path_problem(Path(args.out)) if args.out else None
 
 
 def out_path_problem(out: Path) -> str | None:
@@ -502,6 +505,8 @@ def main(argv=None) -> None:
     if args.worker:
         print(json.dumps(memory_worker(args)))
         return
+    if problem := paths_problem(args):
+        fail(problem)
     core = load_notebook_core()
     if args.device == "cuda" and not core.torch.cuda.is_available():
         fail(f"--device cuda but torch {core.torch.__version__} sees no GPU: use --device cpu (or auto), "

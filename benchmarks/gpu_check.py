@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -320,6 +321,7 @@ def main(argv=None) -> int:
                                               "complete": complete, **extra, "rows": rows})
         return total
 
+    sigterm = signal.signal(signal.SIGTERM, stopped_by_signal)  # `timeout`, `kill`: handled like Ctrl-C below
     try:
         for precision in args.precisions:
             out = work / precision
@@ -347,11 +349,17 @@ def main(argv=None) -> int:
         print(f"\nStopped by {type(error).__name__}: {error}. The finished parts are in {work / 'gpu_check.json'} "
               '("complete": false).', file=sys.stderr)
         raise
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
     total = summary(True)
     print("\n" + report(rows))
     print(f"\nn/r: not reported by this version of the notebook. {total:.0f} s in all "
           f"({'within' if total <= 480 else 'OVER'} the 8-minute goal); summary in {work / 'gpu_check.json'}")
     return 1 if failed else 0
+
+
+def stopped_by_signal(signum, frame) -> None:
+    raise SystemExit(f"gpu_check.py stopped by {signal.Signals(signum).name}")
 
 
 def write_json(path: Path, data: dict) -> None:
