@@ -8,7 +8,11 @@ Our LoRA is the main notebook's own `lora-core` code, loaded from the notebook. 
 each training variant alone in a fresh subprocess. Step times are measured with all variants in one process,
 taking turns step by step on the same batches, so that the noise of a shared machine hits them all alike;
 generation latency likewise in interleaved rounds. Medians are reported with their spread, and the goals are
-checked as ratios measured in this one run. Prints a markdown table and writes the same numbers as JSON.
+checked as ratios measured in this one run (n/a, with the reason, where a goal cannot apply). Prints a markdown
+table and writes the same numbers as JSON.
+
+Every option and the --out path are checked before anything is built; the JSON is rewritten after each
+measurement, so a run stopped by an error, Ctrl-C or SIGTERM keeps what it measured ("complete": false).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ On a machine with an NVIDIA GPU and no internet it
 Everything goes under --work (default runs/gpu_check/, git-ignored). `--device cpu --size tiny` runs the same
 code on a tiny GPT-2 on a CPU (the tests do, so this script cannot rot); `--dry-run` builds and runs nothing
 but checks every knob it would pass against the notebooks' parameters cells and the benchmark's options.
+Every option and --work are checked before anything is built, and gpu_check.json is rewritten after each part.
 """
 
 from __future__ import annotations

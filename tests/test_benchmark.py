@@ -210,6 +210,7 @@ def test_a_model_that_is_not_gpt2_and_a_missing_gpu_are_refused_before_any_model
 # --- what a run measured, and what it says about goals that cannot apply ------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # PEFT's, known
 def test_without_native_bf16_the_speed_up_goal_says_it_does_not_apply(tiny_model_dir, tmp_path, core, monkeypatch,
                                                                        capsys):
     """A CPU without AMX or AVX-512 BF16: "auto" gives fp32, and the bf16 speed-up goal is n/a, not MISSED."""
