@@ -8,16 +8,23 @@ Our LoRA is the main notebook's own `lora-core` code, loaded from the notebook. 
 each training variant alone in a fresh subprocess. Step times are measured with all variants in one process,
 taking turns step by step on the same batches, so that the noise of a shared machine hits them all alike;
 generation latency likewise in interleaved rounds. Medians are reported with their spread, and the goals are
-checked as ratios measured in this one run. Prints a markdown table and writes the same numbers as JSON.
+checked as ratios measured in this one run (n/a, with the reason, where a goal cannot apply). Prints a markdown
+table and writes the same numbers as JSON.
+
+Every option and the --out path are checked before anything is built; the JSON is rewritten after each
+measurement, so a run stopped by an error, Ctrl-C or SIGTERM keeps what it measured ("complete": false).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -57,9 +64,95 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="JSON path; default benchmarks/results/<device>.json")
     parser.add_argument("--worker", choices=TRAIN_VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if not 0.0 <= args.dropout < 1.0:
-        parser.error(f"--dropout must be in [0, 1), got {args.dropout}; 0 is the notebooks' default")
+    if problem := argument_problem(args):
+        parser.error(problem)
     return args
+
+
+# The smallest value of each count, and why: checked before anything is built (rules as data).
+COUNT_FLOORS = {
+    "batch_size": (1, "sequences per training step"),
+    "block_size": (2, "tokens per sequence: a next-token loss needs two"),
+    "rank": (1, "the LoRA rank r"),
+    "warmup": (0, "untimed steps; 0 times the first step too"),
+    "steps": (1, "timed steps: the median needs one"),
+    "rounds": (1, "timed generation rounds: the median needs one"),
+    "gen_tokens": (1, "tokens generated per latency sample"),
+    "forward_repeats": (1, "timed forward passes: the median needs one"),
+}
+PROMPT_TOKENS = 8  # the generation prompt's length
+
+
+def argument_problem(args) -> str | None:
+    """What is wrong with the options' values, or None: counts, alpha, dropout, an empty --model."""
+    for name, (low, what) in COUNT_FLOORS.items():
+        if getattr(args, name) < low:
+            return f"--{name.replace('_', '-')} must be at least {low} ({what}), got {getattr(args, name)}"
+    if not 0.0 < args.alpha < math.inf:
+        return f"--alpha must be a finite positive number (the LoRA scale is alpha / rank), got {args.alpha}"
+    if not 0.0 <= args.dropout < 1.0:
+        return f"--dropout must be in [0, 1), got {args.dropout}; 0 is the notebooks' default"
+    if args.model is not None and not args.model.strip():
+        return "--model is empty: give a hub id or a folder, or leave --model out for GPT-2 small's shape at random init"
+    return None
+
+
+def paths_problem(args) -> str | None:
+    """What is wrong with --model's folder or --out, or None (gpu_check.py checks options before the folder exists)."""
+    model = Path(args.model).expanduser() if args.model else None
+    if model and (model.exists() or args.model.startswith(("/", ".", "~"))) and not model.is_dir():
+        what = "is a file" if model.exists() else "does not exist"
+        return (f"--model {args.model} {what}: give a folder written by save_pretrained, or a hub id such as "
+                "openai-community/gpt2 (the default, no --model, is GPT-2 small's shape at random init)")
+    return out_path_problem(Path(args.out)) if args.out else None
+
+
+def out_path_problem(out: Path) -> str | None:
+    """Why the JSON cannot be written to out, or None. Writes nothing (a probe file is removed at once)."""
+    if out.is_dir():
+        return f"--out {out} is a folder: name the JSON file, e.g. --out {out / 'bench.json'}"
+    if out.suffix != ".json":
+        return f"--out {out} does not end in .json: name the JSON file, e.g. --out {out.with_suffix('.json')}"
+    folder = next(parent for parent in out.absolute().parents if parent.exists())  # the nearest that exists
+    if not folder.is_dir():
+        return f"--out {out}: {folder} is a file, not a folder: put the JSON elsewhere, e.g. --out {folder}.d/{out.name}"
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".benchmark-probe-")
+        os.close(fd)
+        os.remove(probe)
+        if out.exists():
+            open(out, "ab").close()  # appends nothing: only checks that the file can be rewritten
+    except OSError as error:
+        return f"--out {out}: cannot write there ({error.strerror}): pick a folder you can write to"
+    return None
+
+
+def fail(message: str) -> None:
+    """Stop as argparse does for a bad option (exit status 2), before anything is measured."""
+    print(f"{Path(__file__).name}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def check_model_fits(args, core) -> None:
+    """The options that depend on the model (positions, width), from its config alone: no weights are loaded."""
+    from transformers import AutoConfig, GPT2Config
+
+    try:
+        config = AutoConfig.from_pretrained(args.model) if args.model else GPT2Config()
+    except Exception as error:
+        fail(str(core._hub_error(args.model, error)).replace("MODEL_NAME", "--model"))
+    positions, width = getattr(config, "n_positions", None), getattr(config, "n_embd", None)
+    if positions is None or width is None:
+        fail(f"--model {args.model} is a {config.model_type} model, not GPT-2-family (no n_positions / n_embd): "
+             "the notebook's LoRA adapts GPT-2's Conv1D projections")
+    if args.block_size > positions:
+        fail(f"--block-size {args.block_size} exceeds the model's {positions} positions: use --block-size <= {positions}")
+    if args.only != "train" and PROMPT_TOKENS + args.gen_tokens > positions:
+        fail(f"--gen-tokens {args.gen_tokens} after the {PROMPT_TOKENS}-token prompt exceeds the model's {positions} "
+             f"positions: use --gen-tokens <= {positions - PROMPT_TOKENS}")
+    if args.rank > width:
+        fail(f"--rank {args.rank} exceeds {width}, the width of the model's attention weights (a low-rank update "
+             f"needs rank <= min(in, out)): use --rank <= {width}")
 
 
 # --- shared setup -------------------------------------------------------------------------------------------
@@ -109,7 +202,8 @@ def machine_info(core, device) -> dict:
                 break
     info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cpu_native_bf16": core.cpu_has_fast_bf16(), "torch": torch.__version__, "python": platform.python_version(),
-            "device": device.type, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+            "device": device.type, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "gpu_capability": list(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None}
     try:
         import peft
         import transformers
@@ -123,8 +217,12 @@ def machine_info(core, device) -> dict:
 # --- training: memory in a subprocess per variant, speed with the variants taking turns ------------------------
 
 
-def build_variant(args, core, device, variant: str):
-    """The model, optimizer, scaler and precision of one training variant, ready to step."""
+def build_variant(args, core, device, variant: str, mixed_precision: str):
+    """The model, optimizer, scaler and precision of one training variant, ready to step.
+
+    mixed_precision is --precision resolved once by the parent (the notebook's rule for "auto") and passed on to
+    the memory workers, so that every process runs the same precision.
+    """
     import torch
 
     model = build_model(args, core, device)
@@ -136,7 +234,7 @@ def build_variant(args, core, device, variant: str):
         torch.manual_seed(0)
         core.inject_lora(model, TARGETS, args.rank, args.alpha)
         if variant == "lora_mixed":
-            precision = core.choose_precision(args.precision, device)  # the notebook's own rule for "auto"
+            precision = mixed_precision
     else:  # peft_fp32: the same rank, alpha and targets, no LoRA dropout (ours has none)
         from peft import LoraConfig, get_peft_model
 
@@ -169,7 +267,7 @@ def memory_worker(args) -> dict:
     """In a fresh process: build one variant, take two steps, report the peak memory and trainable count."""
     core = load_notebook_core()
     device = core.choose_device(args.device)
-    state = build_variant(args, core, device, args.worker)
+    state = build_variant(args, core, device, args.worker, core.choose_precision(args.precision, device))
     for seed in range(2):  # AdamW allocates its state on the first step: the peak is within two
         timed_step(core, state, random_batch(args, state[0].config.vocab_size, device, seed), device)
     sync(device)
@@ -178,23 +276,34 @@ def memory_worker(args) -> dict:
             "precision": state[3]}
 
 
-def run_memory_worker(args, variant: str) -> dict:
+def run_memory_worker(args, variant: str, precision: str) -> dict:
     command = [sys.executable, __file__, "--worker", variant, "--device", args.device,
                "--batch-size", str(args.batch_size), "--block-size", str(args.block_size), "--rank", str(args.rank),
-               "--alpha", str(args.alpha), "--dropout", str(args.dropout), "--precision", args.precision]
+               "--alpha", str(args.alpha), "--dropout", str(args.dropout), "--precision", precision]
     if args.model:
         command += ["--model", args.model]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"training variant {variant} failed:\n{done.stderr[-3000:]}")
+        print(done.stderr[-3000:], file=sys.stderr)
+        if done.returncode < 0:
+            why = f"killed by {signal.Signals(-done.returncode).name}"
+        else:
+            why = (done.stderr.strip().splitlines() or ["no error message"])[-1]
+        memory = done.returncode == -signal.SIGKILL or "allocate" in why or "out of memory" in why
+        raise SystemExit(f"benchmark.py: the memory worker of {variant} failed ({why})"
+                         + ("; out of memory: lower --batch-size or --block-size" if memory else ""))
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def benchmark_training(args, core, device) -> list[dict]:
-    memory = {variant: run_memory_worker(args, variant) for variant in TRAIN_VARIANTS}
-    states = {variant: build_variant(args, core, device, variant) for variant in TRAIN_VARIANTS}
-    seconds = {variant: [] for variant in TRAIN_VARIANTS}
-    skipped = dict.fromkeys(TRAIN_VARIANTS, 0)
+def benchmark_training(args, core, device, precision: str, progress: dict, save) -> list[dict]:
+    """The training rows. Each figure goes into progress as it is measured, and save() writes it to disk."""
+    memory = progress.setdefault("peak_memory", {})
+    for variant in TRAIN_VARIANTS:
+        memory[variant] = run_memory_worker(args, variant, precision)
+        save()
+    states = {variant: build_variant(args, core, device, variant, precision) for variant in TRAIN_VARIANTS}
+    seconds = progress.setdefault("step_seconds", {variant: [] for variant in TRAIN_VARIANTS})
+    skipped = progress.setdefault("skipped_steps", dict.fromkeys(TRAIN_VARIANTS, 0))
     vocab = states["full_finetune"][0].config.vocab_size
     for step in range(args.warmup + args.steps):
         batch = random_batch(args, vocab, device, seed=step)
@@ -206,6 +315,7 @@ def benchmark_training(args, core, device) -> list[dict]:
                 seconds[variant].append(elapsed)
         print(f"  step {step + 1}/{args.warmup + args.steps}: " + ", ".join(
             f"{v} {seconds[v][-1] if seconds[v] else elapsed:.2f}s" for v in TRAIN_VARIANTS), file=sys.stderr, flush=True)
+        save()
     del states
     tokens = args.batch_size * args.block_size
     rows = []
@@ -231,9 +341,8 @@ def timed(fn, device) -> float:
     return time.perf_counter() - start
 
 
-def benchmark_inference(args, core, device) -> tuple[list[dict], list[dict], bool]:
-    import contextlib
-
+def benchmark_inference(args, core, device, progress: dict, save) -> tuple[list[dict], list[dict], bool]:
+    """The generation and forward rows; samples go into progress as they are measured, and save() writes them."""
     import torch
     from torch.nn.utils import parametrize
 
@@ -249,7 +358,8 @@ def benchmark_inference(args, core, device) -> tuple[list[dict], list[dict], boo
         core.load_lora(merged, core.save_lora(adapted, Path(tmp) / "lora.pt"))
     core.merge_lora(merged)
 
-    prompt = torch.randint(0, base.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(1)).to(device)
+    prompt = torch.randint(0, base.config.vocab_size, (1, PROMPT_TOKENS),
+                           generator=torch.Generator().manual_seed(1)).to(device)
     variants = {"base": (base, False), "unmerged": (adapted, False), "cached": (adapted, True),
                 "merged": (merged, False)}
     outputs = {}
@@ -261,17 +371,18 @@ def benchmark_inference(args, core, device) -> tuple[list[dict], list[dict], boo
                                   max_new_tokens=args.gen_tokens, min_new_tokens=args.gen_tokens,
                                   pad_token_id=0)
 
-    gen_samples = {name: [] for name in variants}
+    gen_samples = progress.setdefault("generate_seconds", {name: [] for name in variants})
     for round_ in range(args.rounds + 1):  # round 0 warms up
         for name, (model, cached) in variants.items():
             seconds = timed(lambda m=model, c=cached, n=name: outputs.__setitem__(n, generate(m, c)), device)
             if round_ > 0:
                 gen_samples[name].append(seconds)
+        save()
     same_tokens = torch.equal(outputs["unmerged"], outputs["cached"]) and torch.equal(outputs["unmerged"],
                                                                                        outputs["merged"])
     block = torch.randint(0, base.config.vocab_size, (args.batch_size, args.block_size),
                           generator=torch.Generator().manual_seed(2)).to(device)
-    fwd_samples = {"base": [], "merged": []}
+    fwd_samples = progress.setdefault("forward_seconds", {"base": [], "merged": []})
     with torch.no_grad():
         for i in range(args.forward_repeats + 2):  # two warm-up passes
             for name, model in (("base", base), ("merged", merged)) if i % 2 == 0 else (("merged", merged),
@@ -292,36 +403,58 @@ def benchmark_inference(args, core, device) -> tuple[list[dict], list[dict], boo
 # --- report ---------------------------------------------------------------------------------------------------
 
 
-def ratio_lines(result: dict) -> list[str]:
-    lines = []
+def mixed_goal_exemption(result: dict, precision: str) -> str | None:
+    """Why the mixed-precision speed-up goal cannot apply to this run, or None when it does."""
+    machine, requested = result["machine"], result["config"]["precision"]
+    if precision == "fp32" and requested == "auto":
+        return "n/a: no native bf16 here, the mixed variant ran in fp32"
+    if precision == "fp32":
+        return "n/a: --precision fp32, the mixed variant ran in fp32"
+    if machine["device"] == "cpu" and precision == "fp16":
+        return "n/a: a CPU has no fast fp16 matrix products (fp16 with its scaler is a GPU's path)"
+    if machine["device"] == "cpu" and precision == "bf16" and not machine["cpu_native_bf16"]:
+        return "n/a: this CPU has no native bf16 (AMX or AVX-512 BF16), so bf16 is emulated"
+    capability = machine.get("gpu_capability")
+    if machine["device"] == "cuda" and precision == "bf16" and capability and capability[0] < 8:
+        return f"n/a: this GPU (compute capability {capability[0]}.{capability[1]}) has no fast bf16; Ampere (8.0) has"
+    return None
+
+
+def goal_rows(result: dict) -> list[dict]:
+    """Each ratio measured in this run beside its goal: met, MISSED, no goal, or n/a with the reason."""
+    checks = []  # (what, measured, op, goal, exemption)
     train = {r["variant"]: r for r in result.get("train", [])}
     if train:
         full, ours, mixed, peft = (train[v] for v in TRAIN_VARIANTS)
-        checks = [
-            ("LoRA fp32 step / full fine-tuning step", ours["step_seconds"] / full["step_seconds"], "<=", 0.70),
-            ("LoRA fp32 step / PEFT fp32 step", ours["step_seconds"] / peft["step_seconds"], "<=", 1.08),
+        checks += [
+            ("LoRA fp32 step / full fine-tuning step", ours["step_seconds"] / full["step_seconds"], "<=", 0.70, None),
+            ("LoRA fp32 step / PEFT fp32 step", ours["step_seconds"] / peft["step_seconds"], "<=", 1.08, None),
             (f"LoRA fp32 step / LoRA {mixed['precision']} step (speed-up)",
-             ours["step_seconds"] / mixed["step_seconds"], ">=", 1.4),
+             ours["step_seconds"] / mixed["step_seconds"], ">=", 1.4, mixed_goal_exemption(result, mixed["precision"])),
             ("LoRA fp32 peak memory / full fine-tuning", ours["peak_memory_bytes"] / full["peak_memory_bytes"],
-             "<=", 0.70),
+             "<=", 0.70, None),
         ]
-        lines += [_check(*c) for c in checks]
     gen = {r["variant"]: r for r in result.get("generate", [])}
     if gen:
         for name in ("unmerged", "cached", "merged"):
-            goal = 1.10 if name != "unmerged" else None
-            lines.append(_check(f"generate {name} / base", gen[name]["seconds"] / gen["base"]["seconds"], "<=", goal))
+            checks.append((f"generate {name} / base", gen[name]["seconds"] / gen["base"]["seconds"], "<=",
+                           1.10 if name != "unmerged" else None, None))
         fwd = {r["variant"]: r for r in result["forward"]}
-        lines.append(_check("prompt forward merged / base", fwd["merged"]["seconds"] / fwd["base"]["seconds"],
-                            "<=", 1.05))
-    return lines
+        checks.append(("prompt forward merged / base", fwd["merged"]["seconds"] / fwd["base"]["seconds"], "<=", 1.05,
+                       None))
+    rows = []
+    for what, value, op, goal, exemption in checks:
+        if exemption or goal is None:
+            verdict = exemption or "(no goal)"
+        else:
+            verdict = f"goal {op} {goal}: {'met' if (value <= goal if op == '<=' else value >= goal) else 'MISSED'}"
+        rows.append({"what": what, "measured": value, "goal": None if goal is None else f"{op} {goal}",
+                     "verdict": verdict})
+    return rows
 
 
-def _check(label, value, op, goal) -> str:
-    if goal is None:
-        return f"| {label} | {value:.2f} | (no goal) |"
-    met = value <= goal if op == "<=" else value >= goal
-    return f"| {label} | {value:.2f} | goal {op} {goal}: {'met' if met else 'MISSED'} |"
+def ratio_lines(result: dict) -> list[str]:
+    return [f"| {r['what']} | {r['measured']:.2f} | {r['verdict']} |" for r in goal_rows(result)]
 
 
 def markdown_report(result: dict) -> str:
@@ -353,31 +486,83 @@ def markdown_report(result: dict) -> str:
                        f"{r['seconds_min']:.4f}-{r['seconds_max']:.4f} | {r['seconds'] / fbase['seconds']:.2f}x |")
         out += ["", f"The unmerged, cached and merged LoRA models generate the same tokens: "
                     f"{result['same_tokens']}", ""]
-    out += ["| goal | measured | |", "|---|---|---|", *ratio_lines(result)]
+    if lines := ratio_lines(result):
+        out += ["| goal | measured | |", "|---|---|---|", *lines]
     return "\n".join(out)
 
 
+def save_result(result: dict, out: Path) -> None:
+    """Write result to out through a temporary file: out is always a whole JSON document."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")
+    with os.fdopen(fd, "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(tmp, out)
+
+
+def stopped_by_signal(signum, frame) -> None:
+    raise SystemExit(f"benchmark.py stopped by {signal.Signals(signum).name}")
+
+
 def main(argv=None) -> None:
-    args = parse_args(argv)
+    args = parse_args(argv)  # every option that needs no model, before anything is imported or built
     if args.worker:
         print(json.dumps(memory_worker(args)))
         return
+    if problem := paths_problem(args):
+        fail(problem)
     core = load_notebook_core()
+    if args.device == "cuda" and not core.torch.cuda.is_available():
+        fail(f"--device cuda but torch {core.torch.__version__} sees no GPU: use --device cpu (or auto), "
+             "or run on a machine with an NVIDIA GPU and a CUDA build of torch")
     device = core.choose_device(args.device)
+    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"{device.type}.json"
+    if problem := out_path_problem(out):
+        fail(problem)
+    check_model_fits(args, core)  # from the model's config: still nothing built
+    precision = core.choose_precision(args.precision, device)
     started = time.perf_counter()
     result = {"machine": machine_info(core, device),
               "config": {"model": args.model or "GPT2Config() random init", "batch_size": args.batch_size,
                          "block_size": args.block_size, "rank": args.rank, "alpha": args.alpha,
                          "targets": TARGETS, "dropout": args.dropout, "precision": args.precision,
-                         "rounds": args.rounds, "warmup": args.warmup, "steps": args.steps}}
-    if args.only != "inference":
-        result["train"] = benchmark_training(args, core, device)
-    if args.only != "train":
-        result["generate"], result["forward"], result["same_tokens"] = benchmark_inference(args, core, device)
-    result["seconds_total"] = time.perf_counter() - started
-    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"{result['machine']['device']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+                         "mixed_precision": precision, "rounds": args.rounds, "warmup": args.warmup,
+                         "steps": args.steps},
+              "complete": False}
+    progress = result.setdefault("measured_so_far", {})  # raw samples, written as they come; dropped when complete
+    saved = []
+    sigterm = signal.signal(signal.SIGTERM, stopped_by_signal)  # `timeout`, `kill`: handled like Ctrl-C below
+
+    def save():  # called after each measurement
+        result["seconds_total"] = time.perf_counter() - started
+        save_result(result, out)
+        saved.append(True)
+
+    try:
+        if args.only != "inference":
+            result["train"] = benchmark_training(args, core, device, precision, progress, save)
+            save()
+        if args.only != "train":
+            result["generate"], result["forward"], result["same_tokens"] = benchmark_inference(
+                args, core, device, progress, save)
+        result["goals"] = goal_rows(result)
+        del result["measured_so_far"]
+        result["complete"] = True
+        save()
+    except BaseException as error:  # Ctrl-C included: what was measured is on disk before the error goes on
+        if saved:
+            result["stopped_by"] = f"{type(error).__name__}: {error}"
+            save()
+            print(f"\nStopped by {result['stopped_by']}. What was measured before is in {out} "
+                  '("complete": false; raw samples under "measured_so_far").', file=sys.stderr)
+            with contextlib.suppress(Exception):  # the table of the finished parts, if there are any
+                result["goals"] = goal_rows(result)
+                save()
+                if result.get("train") or result.get("generate"):
+                    print(markdown_report(result))
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
     print(markdown_report(result))
     print(f"\n{result['seconds_total']:.0f} s in all; JSON written to {out}")
 

@@ -12,6 +12,7 @@ On a machine with an NVIDIA GPU and no internet it
 Everything goes under --work (default runs/gpu_check/, git-ignored). `--device cpu --size tiny` runs the same
 code on a tiny GPT-2 on a CPU (the tests do, so this script cannot rot); `--dry-run` builds and runs nothing
 but checks every knob it would pass against the notebooks' parameters cells and the benchmark's options.
+Every option and --work are checked before anything is built, and gpu_check.json is rewritten after each part.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import argparse
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -59,16 +62,59 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=int, default=420, help="seconds allowed to each notebook run")
     parser.add_argument("--dry-run", action="store_true", help="check every knob and option; build and run nothing")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.eval_batches < 1 or args.bench_steps < 1:
-        parser.error("--steps, --eval-batches and --bench-steps must be at least 1")
+    if problem := argument_problem(args):
+        parser.error(problem)
     return args
+
+
+# Knobs the check sets itself, and the option that sets them: a --set-main/--set-ablations of one is refused.
+OWN_KNOBS = {"MAX_STEPS": "--steps", "STEPS_PER_RUN": "--steps", "EVAL_BATCHES": "--eval-batches",
+             "PRECISION": "--precisions", "DEVICE": "--device", "OUTPUT_DIR": "--work",
+             "MODEL_NAME": "--size (the check builds its own model)", "DATA_PATH": "nothing (the check writes the text)",
+             "DATA_SHA256": "nothing (the check hashes the text)"}
+
+
+def argument_problem(args) -> str | None:
+    """What is wrong with the options, or None; builds, runs and writes nothing."""
+    for name in ("steps", "eval_batches", "bench_steps", "timeout"):
+        if getattr(args, name) < 1:
+            return f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
+    for name in ("precisions", "notebooks"):
+        if repeated := sorted({v for v in getattr(args, name) if getattr(args, name).count(v) > 1}):
+            return f"--{name} names {', '.join(repeated)} twice: each is run once, into the same folder"
+    if not args.notebooks and args.no_benchmark:
+        return "nothing to run: --notebooks is empty and --no-benchmark is set"
+    for flag, pairs in (("--set-main", args.set_main), ("--set-ablations", args.set_ablations)):
+        names = [pair.partition("=")[0].strip() for pair in pairs]
+        for name in names:
+            if not name:
+                return f"{flag} needs NAME=VALUE, got an empty NAME"
+            if name in OWN_KNOBS:
+                return f"{flag} {name}: the check sets {name} itself; set it through {OWN_KNOBS[name]}"
+            if names.count(name) > 1:
+                return f"{flag} sets {name} twice: give it once"
+    return work_problem(Path(args.work))
+
+
+def work_problem(work: Path) -> str | None:
+    """Why the check cannot write under work, or None. Writes nothing (a probe file is removed at once)."""
+    folder = next(p for p in (work.absolute(), *work.absolute().parents) if p.exists())  # nearest that exists
+    if not folder.is_dir():
+        return f"--work {work}: {folder} is a file, not a folder: give a folder, e.g. --work {folder}.d"
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".gpu-check-probe-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as error:
+        return f"--work {work}: cannot write in {folder} ({error.strerror}): pick a folder you can write to"
+    return None
 
 
 def extra_knobs(pairs: list[str], flag: str) -> dict:
     knobs = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
-        if not sep:
+        if not sep or not name.strip():
             raise SystemExit(f"{flag} {pair!r}: write NAME=VALUE, VALUE in JSON (e.g. DROPOUT=0.1, 'RANKS=[1,4]')")
         try:
             knobs[name.strip()] = json.loads(value)
@@ -99,6 +145,13 @@ def notebook_knobs(args, model_dir: Path, text: Path, sha256: str | None, precis
         if missing:
             raise SystemExit(f"{notebook.name} has no knob {', '.join(missing)} in its parameters cell: "
                              f"update benchmarks/gpu_check.py (it knows {', '.join(sorted(known))})")
+        if name == "main" and extra:  # the main notebook's own rules, before anything runs
+            from tools.nbcode import load_core
+
+            try:
+                load_core(MAIN).validate_knobs(extra)
+            except ValueError as error:
+                raise SystemExit(f"--set-main: {error}") from None
         if args.size == "tiny":
             knobs.update({k: v for k, v in tiny.items() if k in known})
         plans[name] = (notebook, {**knobs, **extra})
@@ -163,11 +216,17 @@ def find(record: dict, *words: str):
     return None
 
 
-def notebook_rows(name: str, precision: str, out: Path, knobs: dict, status: str, wall: float) -> list[dict]:
+def written_since(path: Path, since: float | None) -> bool:
+    """path is a file written at or after since (a time.time()); a file from an earlier run is not this run's."""
+    return path.is_file() and (since is None or path.stat().st_mtime >= since - 1)  # 1 s: coarse file clocks
+
+
+def notebook_rows(name: str, precision: str, out: Path, knobs: dict, status: str, wall: float,
+                  since: float | None = None) -> list[dict]:
     base = {"source": f"{name} notebook", "precision": precision, "status": status, "wall_seconds": wall}
     if name == "main":
         path = out / "main" / "results.json"
-        if not path.is_file():
+        if not written_since(path, since):
             return [{**base, "what": "LoRA training"}]
         results = json.loads(path.read_text())
         seconds = results.get("train_seconds")  # MAX_STEPS steps: the check's runs are shorter than an epoch
@@ -177,7 +236,7 @@ def notebook_rows(name: str, precision: str, out: Path, knobs: dict, status: str
                  "tokens_per_second": results.get("tokens_per_second"),
                  "peak_memory_bytes": find(results, "peak"), "skipped_steps": find(results, "skipped")}]
     path = out / "ablations" / "ablation_results.json"
-    if not path.is_file():
+    if not written_since(path, since):
         return [{**base, "what": "every run"}]
     results = json.loads(path.read_text())
     rows = []
@@ -191,10 +250,10 @@ def notebook_rows(name: str, precision: str, out: Path, knobs: dict, status: str
     return rows or [{**base, "what": "every run"}]
 
 
-def benchmark_rows(path: Path, status: str, wall: float) -> list[dict]:
-    if not path.is_file():
+def benchmark_rows(path: Path, status: str, wall: float, since: float | None = None) -> list[dict]:
+    result = json.loads(path.read_text()) if written_since(path, since) else {}
+    if not result.get("train"):  # not run, or stopped before its training rows (its JSON keeps what it measured)
         return [{"source": "benchmark", "what": "training variants", "status": status, "wall_seconds": wall}]
-    result = json.loads(path.read_text())
     return [{"source": "benchmark", "what": row["variant"], "precision": row["precision"], "status": status,
              "wall_seconds": wall, "device_name": result["machine"].get("gpu") or result["machine"].get("cpu"),
              "seconds_per_step": row["step_seconds"], "tokens_per_second": row["tokens_per_second"],
@@ -243,7 +302,7 @@ def main(argv=None) -> int:
                 print(f"would run {notebook.name} in {precision}: {json.dumps(knobs)}")
             if not args.no_benchmark:
                 print(f"would run: {' '.join(benches[precision][1:])}")
-        print("dry run: every knob and benchmark option exists")
+        print("dry run: every knob and benchmark option exists, and --work can be written")
         return 0
 
     work.mkdir(parents=True, exist_ok=True)
@@ -256,31 +315,60 @@ def main(argv=None) -> int:
     print(f"model: {model_dir} (random weights); text: {text} ({text.stat().st_size:,} bytes)", flush=True)
 
     rows, failed = [], False
-    for precision in args.precisions:
-        out = work / precision
-        out.mkdir(parents=True, exist_ok=True)
-        for name, (notebook, knobs) in notebook_knobs(args, model_dir, text, sha256, precision, out).items():
-            status, wall = run_notebook(notebook, knobs, out / f"{name}.ipynb", out / f"{name}.log", args.timeout)
-            failed |= status != "ok"
-            print(f"{name} notebook, {precision}: {status} in {wall:.0f} s (log: {out / f'{name}.log'})", flush=True)
-            rows += notebook_rows(name, precision, out, knobs, status, wall)
-        if not args.no_benchmark:
-            bench_started = time.perf_counter()
-            done = subprocess.run(benches[precision], capture_output=True, text=True)
-            (work / f"benchmark-{precision}.log").write_text(done.stdout + done.stderr)
-            status = "ok" if done.returncode == 0 else f"FAILED (exit {done.returncode})"
-            failed |= done.returncode != 0
-            wall = time.perf_counter() - bench_started
-            print(f"benchmark, {precision}: {status} in {wall:.0f} s", flush=True)
-            rows += benchmark_rows(work / f"benchmark-{precision}.json", status, wall)
 
-    total = time.perf_counter() - started
-    summary = {"device": args.device, "size": args.size, "seconds_total": total, "rows": rows}
-    (work / "gpu_check.json").write_text(json.dumps(summary, indent=2))
+    def summary(complete: bool, **extra) -> float:  # written after each part: a later failure loses nothing
+        total = time.perf_counter() - started
+        write_json(work / "gpu_check.json", {"device": args.device, "size": args.size, "seconds_total": total,
+                                              "complete": complete, **extra, "rows": rows})
+        return total
+
+    sigterm = signal.signal(signal.SIGTERM, stopped_by_signal)  # `timeout`, `kill`: handled like Ctrl-C below
+    try:
+        for precision in args.precisions:
+            out = work / precision
+            out.mkdir(parents=True, exist_ok=True)
+            for name, (notebook, knobs) in notebook_knobs(args, model_dir, text, sha256, precision, out).items():
+                since = time.time()
+                status, wall = run_notebook(notebook, knobs, out / f"{name}.ipynb", out / f"{name}.log", args.timeout)
+                failed |= status != "ok"
+                print(f"{name} notebook, {precision}: {status} in {wall:.0f} s (log: {out / f'{name}.log'})", flush=True)
+                rows += notebook_rows(name, precision, out, knobs, status, wall, since)
+                summary(False)
+            if not args.no_benchmark:
+                since, bench_started = time.time(), time.perf_counter()
+                done = subprocess.run(benches[precision], capture_output=True, text=True)
+                (work / f"benchmark-{precision}.log").write_text(done.stdout + done.stderr)
+                status = "ok" if done.returncode == 0 else f"FAILED (exit {done.returncode})"
+                failed |= done.returncode != 0
+                wall = time.perf_counter() - bench_started
+                print(f"benchmark, {precision}: {status} in {wall:.0f} s", flush=True)
+                rows += benchmark_rows(work / f"benchmark-{precision}.json", status, wall, since)
+                summary(False)
+    except BaseException as error:  # Ctrl-C included: the finished parts' rows are on disk, and printed
+        summary(False, stopped_by=f"{type(error).__name__}: {error}")
+        print("\n" + report(rows))
+        print(f"\nStopped by {type(error).__name__}: {error}. The finished parts are in {work / 'gpu_check.json'} "
+              '("complete": false).', file=sys.stderr)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    total = summary(True)
     print("\n" + report(rows))
     print(f"\nn/r: not reported by this version of the notebook. {total:.0f} s in all "
           f"({'within' if total <= 480 else 'OVER'} the 8-minute goal); summary in {work / 'gpu_check.json'}")
     return 1 if failed else 0
+
+
+def stopped_by_signal(signum, frame) -> None:
+    raise SystemExit(f"gpu_check.py stopped by {signal.Signals(signum).name}")
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write data to path through a temporary file: path is always a whole JSON document."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,8 @@
 #
 # Everything is written under runs/gpu_check/ (git-ignored); the summary is runs/gpu_check/gpu_check.json.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
 if [[ " $* " != *" --device cpu "* && " $* " != *" --dry-run "* ]] && command -v nvidia-smi >/dev/null; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 fi
-exec python3 benchmarks/gpu_check.py "$@"
+exec python3 "$(dirname "$0")/gpu_check.py" "$@"  # from the caller's folder: a relative --work is relative to it
