@@ -31,7 +31,7 @@ def tiny_parameters(model_dir: Path, text_path: Path, text_sha256: str) -> dict:
             "BATCH_SIZE": 4,
             "EPOCHS": 1,
             "MAX_STEPS": STEPS,
-            "LR": 2e-2,
+            "LR": 5e-3,  # 2e-2 overshoots under bf16 autocast on a CPU with native bf16: the loss rises after step 10
             "EVAL_INTERVAL": 10,
             "EVAL_BATCHES": 5,
             "MAX_NEW_TOKENS": 12,
@@ -251,7 +251,7 @@ def test_changing_lr_and_rank_and_rerunning_from_the_training_section_needs_no_r
         for index, cell in enumerate(nb.cells):
             client.execute_cell(cell, index)
         first = json.loads((tmp_path / "out" / "results.json").read_text())
-        nb.cells.append(nbformat.v4.new_code_cell("LR, RANK = 5e-3, 2"))  # the learner's edit
+        nb.cells.append(nbformat.v4.new_code_cell("LR, RANK = 2e-3, 2"))  # the learner's edit
         client.execute_cell(nb.cells[-1], len(nb.cells) - 1)
         for index in range(training, len(nb.cells) - 1):
             client.execute_cell(nb.cells[index], index)
