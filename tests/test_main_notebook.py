@@ -260,3 +260,29 @@ def test_changing_lr_and_rank_and_rerunning_from_the_training_section_needs_no_r
     assert core.read_lora_file(tmp_path / "out" / "lora_weights.pt")["config"]["rank"] == 2
     assert again["val_loss_before"] == first["val_loss_before"]  # both runs start from GPT-2 itself
     assert again["reload_max_abs_diff"] <= 1e-5 and again["adapter_off_max_abs_diff"] == 0.0
+
+
+def test_the_before_after_figure_draws_any_generated_character_without_a_glyph_warning(tmp_path):
+    """Generated text may hold any character (a KATAKANA RI, an emoji, a control byte): none may make matplotlib warn."""
+    import textwrap
+    import warnings
+
+    import matplotlib
+    import nbformat
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    cell = next(c.source for c in nbformat.read(MAIN_NOTEBOOK, as_version=4).cells
+                if c.cell_type == "code" and "before_after.png" in c.source)
+    namespace = {"plt": plt, "textwrap": textwrap, "font_manager": font_manager, "FT2Font": FT2Font,
+                 "text_before": "To be or not to be \u30ea\u30ea and $x$ \U0001f600\x07 done",
+                 "text_after": "To be or not \u4e2d\u6587 or \u0416\n\nthe end", "RANK": 4, "total_steps": 10,
+                 "PROMPT": "To be", "SEED": 0, "TEMPERATURE": 0.8, "TOP_K": 50, "figures_dir": tmp_path}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exec(cell, namespace)
+    assert not [w for w in caught if "Glyph" in str(w.message)]
+    assert (tmp_path / "before_after.png").stat().st_size > 0
