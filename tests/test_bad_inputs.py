@@ -44,7 +44,7 @@ def default_knobs() -> dict:
 
 def test_the_defaults_are_valid_and_every_default_knob_has_a_rule(core):
     knobs = default_knobs()
-    core.validate_knobs(knobs)
+    core.validate_knobs(knobs, core.knob_rules())
     assert set(knobs) <= set(core.knob_rules())
 
 
@@ -69,23 +69,23 @@ BAD_KNOBS = [
 def test_a_bad_knob_is_named_with_its_value_and_the_fix(core, knob, value):
     knobs = default_knobs() | {knob: value}
     with pytest.raises(ValueError, match=rf"^{knob} = {re.escape(repr(value))} is not valid: set {knob} to \S"):
-        core.validate_knobs(knobs)
+        core.validate_knobs(knobs, core.knob_rules())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 @pytest.mark.parametrize("device", ["cuda", "cuda:0"])
 def test_a_gpu_that_is_not_there_is_refused_before_anything_runs(core, device):
     with pytest.raises(ValueError, match=rf"DEVICE = '{device}' is not valid.*it has 0 CUDA GPU"):
-        core.validate_knobs({"DEVICE": device})
+        core.validate_knobs({"DEVICE": device}, core.knob_rules())
 
 
 def test_paths_of_the_wrong_kind_are_refused(core, tmp_path):
     a_file = tmp_path / "a.txt"
     a_file.write_text("x")
     with pytest.raises(ValueError, match="DATA_PATH .*not a folder"):
-        core.validate_knobs({"DATA_PATH": str(tmp_path)})
+        core.validate_knobs({"DATA_PATH": str(tmp_path)}, core.knob_rules())
     with pytest.raises(ValueError, match="OUTPUT_DIR .*not a file"):
-        core.validate_knobs({"OUTPUT_DIR": str(a_file)})
+        core.validate_knobs({"OUTPUT_DIR": str(a_file)}, core.knob_rules())
 
 
 def test_numpy_numbers_and_upper_case_checksums_are_accepted(core):
@@ -94,18 +94,34 @@ def test_numpy_numbers_and_upper_case_checksums_are_accepted(core):
         "EPOCHS": np.int64(1), "VAL_FRACTION": np.float32(0.2), "SEED": np.uint32(7), "DROPOUT": np.float64(0.0),
         "DATA_SHA256": default_knobs()["DATA_SHA256"].upper(), "MAX_STEPS": 10, "EVAL_BATCHES": 3,
         "TARGET_MODULES": ("attn.c_proj",),
-    })
+    }, core.knob_rules())
 
 
 @pytest.mark.parametrize(("typo", "meant"), [("RANKK", "RANK"), ("EPOCH", "EPOCHS"), ("BATCHSIZE", "BATCH_SIZE"),
                                              ("TARGET_MODULE", "TARGET_MODULES")])
 def test_a_misspelt_knob_is_not_silently_ignored(core, typo, meant):
     with pytest.raises(ValueError, match=f"{typo} is not a knob of this notebook: did you mean {meant}"):
-        core.validate_knobs({typo: 1})
+        core.validate_knobs({typo: 1}, core.knob_rules())
 
 
-def test_other_upper_case_names_are_left_alone(core):
-    core.validate_knobs({"PEFT_PREFIX": "base_model.model.", "LORA_FILE_FORMAT": "lora-from-scratch/1"})
+def test_the_notebooks_own_constants_are_not_knobs(core):
+    namespace = {"PEFT_PREFIX": "base_model.model.", "LORA_FILE_FORMAT": "lora-from-scratch/1", "RANK": 4, "lower": 1}
+    assert core.knobs_in(namespace) == {"RANK": 4}
+    core.validate_knobs(core.knobs_in(namespace), core.knob_rules())
+
+
+@pytest.mark.parametrize("name", ["LEARNING_RATE", "A", "NUM_EPOCHS"])
+def test_an_upper_case_name_that_is_no_knob_is_refused_with_the_list_of_knobs(core, name):
+    with pytest.raises(ValueError, match=rf"^{name} is not a knob of this notebook: .*The knobs are MODEL_NAME, .*, LR, .*OUTPUT_DIR\.$"):
+        core.validate_knobs({name: 1e-3}, core.knob_rules())
+
+
+@pytest.mark.parametrize(("value", "form"), [("false", "false"), ("True", "true"), ("None", "null")])
+def test_a_papermill_string_for_a_boolean_or_none_names_the_yaml_form(core, value, form):
+    rules = {"RERUN": (lambda v: isinstance(v, bool), "True or False"), "MAX_STEPS": core.knob_rules()["MAX_STEPS"]}
+    name = "MAX_STEPS" if value == "None" else "RERUN"
+    with pytest.raises(ValueError, match=rf'^{name} = {value!r} is not valid: set {name} to .*-y "{name}: {form}"'):
+        core.validate_knobs({name: value}, rules)
 
 
 # --- lengths against the model's positions ----------------------------------------------------------------
@@ -547,3 +563,160 @@ def test_a_rank_wider_than_the_model_stops_right_after_loading_it(tmp_path, tiny
     error, failed, ran_after = _run_with(tmp_path, tiny_model_dir, play_text_path, play_text_sha256, RANK=65)
     assert error.ename == "ValueError" and "RANK = 65 is larger than this model's width 64" in error.evalue
     assert "load_base_model(" in failed.source and ran_after == []
+
+
+# --- adapter helpers check the model's state and the file's whole config before changing anything -----------------
+
+
+@pytest.fixture
+def deeper(tmp_path_factory, play_text_path):
+    """A tiny GPT-2 one block deeper than conftest's (3 blocks instead of 2), as a factory of fresh copies."""
+    from conftest import save_tiny_gpt2
+
+    folder = save_tiny_gpt2(tmp_path_factory.mktemp("deeper"), play_text_path.read_text(), n_layer=3)
+    return lambda: AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
+def weights(model):
+    return {name: p.detach().clone() for name, p in model.state_dict().items()}
+
+
+def unchanged(model, before) -> bool:
+    after = weights(model)
+    return after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_swap_refuses_a_file_saved_under_another_scaling_rule(core, fresh, tmp_path, batch):
+    rslora = core.save_lora(trained(core, fresh(), scaling="alpha/sqrt(r)"), tmp_path / "rslora.pt")
+    model = trained(core, fresh())  # the same rank 4 and alpha 8, but alpha/r
+    before = weights(model)
+    with pytest.raises(ValueError, match=r"another rank or alpha, scaling rule.*'alpha/sqrt\(r\)'.*load_lora it into a fresh"):
+        core.swap_lora(model, rslora)
+    assert unchanged(model, before)
+
+
+def test_swap_refuses_a_file_from_a_deeper_model(core, fresh, deeper, tmp_path):
+    path = core.save_lora(trained(core, deeper()), tmp_path / "deeper.pt")
+    model = trained(core, fresh())
+    before = weights(model)
+    with pytest.raises(ValueError, match="transformer.h.2.attn.c_attn', which this model does not have.*deeper"):
+        core.swap_lora(model, path)
+    assert unchanged(model, before)
+
+
+def test_swap_into_a_merged_or_plain_model_names_the_helper_to_use(core, fresh, tmp_path):
+    path = core.save_lora(trained(core, fresh()), tmp_path / "lora.pt")
+    merged = trained(core, fresh())
+    core.merge_lora(merged)
+    before = weights(merged)
+    with pytest.raises(ValueError, match="merged into its weights: swap_lora needs LoRA layers.*add_lora_update"):
+        core.swap_lora(merged, path)
+    assert unchanged(merged, before)
+    with pytest.raises(ValueError, match="plain base model.*use load_lora instead"):
+        core.swap_lora(fresh(), path)
+
+
+def test_an_rslora_peft_adapter_into_an_adapted_model_is_refused_naming_swap_lora(core, fresh, tmp_path):
+    adapter = core.export_peft_adapter(trained(core, fresh(), scaling="alpha/sqrt(r)"), tmp_path / "adapter")
+    model = trained(core, fresh())
+    before = weights(model)
+    with pytest.raises(ValueError, match="already has LoRA layers: load_lora needs a plain base model.*swap_lora"):
+        core.import_peft_adapter(model, adapter)
+    assert unchanged(model, before)
+
+
+def test_lora_disabled_refuses_a_merged_model_instead_of_returning_adapted_logits(core, fresh, batch):
+    model = trained(core, fresh())
+    core.merge_lora(model)
+    with pytest.raises(ValueError, match="merged into its weights, which lora_disabled cannot switch off.*add_lora_update"):
+        with core.lora_disabled(model):
+            pass
+    with pytest.raises(ValueError, match="plain base model.*no adapter to switch off"):
+        with core.lora_disabled(fresh()):
+            pass
+
+
+def test_lora_disabled_restores_the_scales_after_an_error_inside(core, fresh, batch):
+    model = trained(core, fresh())
+    expected = logits(model, batch)
+    with pytest.raises(ZeroDivisionError), core.lora_disabled(model):
+        1 / 0  # noqa: B018
+    assert torch.equal(logits(model, batch), expected)
+
+
+def test_add_lora_update_refuses_a_model_that_is_not_merged(core, fresh):
+    model = trained(core, fresh())
+    before = weights(model)
+    with pytest.raises(ValueError, match="still has its LoRA layers \\(it is not merged\\).*lora_disabled or swap_lora"):
+        core.add_lora_update(model, core.lora_layers(model), sign=-1)
+    assert unchanged(model, before)
+
+
+def test_add_lora_update_from_a_deeper_model_changes_no_weight(core, fresh, deeper):
+    model = trained(core, fresh())
+    core.merge_lora(model)
+    before = weights(model)
+    deep_layers = core.lora_layers(trained(core, deeper()))
+    with pytest.raises(ValueError, match="transformer.h.2.attn.c_attn' does not fit this model.*Nothing was changed"):
+        core.add_lora_update(model, deep_layers, sign=-1)
+    assert unchanged(model, before)
+
+
+def test_add_lora_update_follows_the_merge_state(core, fresh, batch):
+    model = trained(core, fresh())
+    layers, expected = core.lora_layers(model), logits(model, batch)
+    core.merge_lora(model)
+    with pytest.raises(ValueError, match="has an update merged into it.*Nothing was changed"):
+        core.add_lora_update(model, layers, sign=1)  # a second update on top
+    core.add_lora_update(model, layers, sign=-1)
+    before = weights(model)
+    with pytest.raises(ValueError, match="has no update merged into it.*Nothing was changed"):
+        core.add_lora_update(model, layers, sign=-1)  # subtracting again would change W0
+    assert unchanged(model, before)
+    with pytest.raises(ValueError, match="sign must be 1"):
+        core.add_lora_update(model, layers, sign=2)
+    with pytest.raises(ValueError, match="needs LoRA layers by module name"):
+        core.add_lora_update(model, {}, sign=1)
+    core.add_lora_update(model, layers, sign=1)
+    assert (logits(model, batch) - expected).abs().max().item() <= 1e-5
+    assert core.load_lora is not None and core.merged_lora_modules(model) == list(layers)
+
+
+@pytest.mark.parametrize("helper", ["save_lora", "export_peft_adapter"])
+def test_writing_under_a_plain_file_is_refused_before_anything_is_written(core, fresh, tmp_path, helper):
+    (tmp_path / "notes.txt").write_text("a plain file")
+    target = tmp_path / "notes.txt" / "inside" / "lora.pt"
+    with pytest.raises(ValueError, match=f"{helper} cannot write .*notes.txt is a file, not a folder"):
+        getattr(core, helper)(trained(core, fresh()), target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_exporting_onto_a_file_asks_for_a_folder(core, fresh, tmp_path):
+    (tmp_path / "adapter").write_text("not a folder")
+    with pytest.raises(ValueError, match="adapter is a file: give export_peft_adapter a folder"):
+        core.export_peft_adapter(trained(core, fresh()), tmp_path / "adapter")
+
+
+@pytest.mark.parametrize(("batch_size", "max_batches", "message"), [
+    (0, None, "batch_size must be a positive integer"), (-1, None, "batch_size must be a positive integer"),
+    (2.0, None, "batch_size must be a positive integer"), (2, 0, "Nothing to evaluate"),
+])
+def test_evaluate_loss_refuses_what_would_average_nothing(core, fresh, batch_size, max_batches, message):
+    blocks = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=message):
+        core.evaluate_loss(fresh(), blocks, batch_size, torch.device("cpu"), max_batches)
+
+
+@pytest.mark.parametrize(("prompt", "new_tokens", "temperature", "top_k", "message"), [
+    ("", 4, 0.8, 50, "non-empty prompt"), ("   ", 4, 0.8, 50, "non-empty prompt"), (None, 4, 0.8, 50, "non-empty prompt"),
+    ("To be", 0, 0.8, 50, "max_new_tokens must be a positive integer"),
+    ("To be", 4.0, 0.8, 50, "max_new_tokens must be a positive integer"),
+    ("To be", 4, 0, 50, "temperature must be a finite number > 0"),
+    ("To be", 4, float("nan"), 50, "temperature must be a finite number > 0"),
+    ("To be", 4, 0.8, 0, "top_k must be a positive integer"),
+])
+def test_generate_text_refuses_bad_arguments_before_generating(core, fresh, tiny_model_dir, prompt, new_tokens,
+                                                               temperature, top_k, message):
+    tokenizer = core.load_tokenizer(str(tiny_model_dir))
+    with pytest.raises(ValueError, match=message):
+        core.generate_text(fresh(), tokenizer, prompt, new_tokens, 0, temperature, top_k)

@@ -21,13 +21,8 @@ EXPECTED_RESULT_KEYS = {
 FP16_STEPS = 6
 
 
-def run_main_notebook(folder: Path, model_dir: Path, text_path: Path, text_sha256: str, **overrides) -> Path:
-    """Execute the notebook in a fresh kernel, in an empty folder, with the tiny model and text."""
-    folder.mkdir(parents=True, exist_ok=True)
-    executed = folder / "executed.ipynb"
-    papermill.execute_notebook(
-        str(MAIN_NOTEBOOK), str(executed), cwd=str(folder), progress_bar=False, kernel_name="python3",
-        parameters={
+def tiny_parameters(model_dir: Path, text_path: Path, text_sha256: str) -> dict:
+    return {
             "MODEL_NAME": str(model_dir),
             "DATA_URL": "http://127.0.0.1:9/never-used",  # the file is present: nothing is downloaded
             "DATA_PATH": str(text_path),
@@ -43,7 +38,16 @@ def run_main_notebook(folder: Path, model_dir: Path, text_path: Path, text_sha25
             "LATENCY_TOKENS": 8,
             "SECOND_ADAPTER_STEPS": 5,
             "OUTPUT_DIR": "out",
-        } | overrides,
+    }
+
+
+def run_main_notebook(folder: Path, model_dir: Path, text_path: Path, text_sha256: str, **overrides) -> Path:
+    """Execute the notebook in a fresh kernel, in an empty folder, with the tiny model and text."""
+    folder.mkdir(parents=True, exist_ok=True)
+    executed = folder / "executed.ipynb"
+    papermill.execute_notebook(
+        str(MAIN_NOTEBOOK), str(executed), cwd=str(folder), progress_bar=False, kernel_name="python3",
+        parameters=tiny_parameters(model_dir, text_path, text_sha256) | overrides,
     )
     return folder
 
@@ -73,7 +77,7 @@ def test_the_notebook_writes_every_artifact(run):
     out = run / "out"
     for name in ["results.json", "training_losses.json", "lora_weights.pt", "adapter/adapter_config.json",
                  "adapter/adapter_model.safetensors", "figures/training_curve.png",
-                 "figures/before_after.png"]:
+                 "figures/before_after.png", "figures/c_attn_to_scale.png"]:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     for png in (out / "figures").glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -229,3 +233,30 @@ def test_an_old_python_gets_a_clear_error_before_anything_else():
                 exec(check, {"sys": fake_sys})
         else:
             exec(check, {"sys": fake_sys})
+
+
+def test_changing_lr_and_rank_and_rerunning_from_the_training_section_needs_no_restart(
+        core, tmp_path, tiny_model_dir, play_text_path, play_text_sha256):
+    """As a learner reruns: Run all, then set LR and RANK and rerun from the training section's first cell on."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(MAIN_NOTEBOOK, as_version=4)
+    knobs = tiny_parameters(tiny_model_dir, play_text_path, play_text_sha256) | {"MAX_STEPS": 10}
+    first_code = next(i for i, c in enumerate(nb.cells) if c.cell_type == "code")
+    nb.cells.insert(first_code + 1, nbformat.v4.new_code_cell("\n".join(f"{k} = {v!r}" for k, v in knobs.items())))
+    training = next(i for i, c in enumerate(nb.cells) if c.cell_type == "code" and "model = fresh_lora_model(SEED)" in c.source)
+    client = NotebookClient(nb, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+    with client.setup_kernel():
+        for index, cell in enumerate(nb.cells):
+            client.execute_cell(cell, index)
+        first = json.loads((tmp_path / "out" / "results.json").read_text())
+        nb.cells.append(nbformat.v4.new_code_cell("LR, RANK = 5e-3, 2"))  # the learner's edit
+        client.execute_cell(nb.cells[-1], len(nb.cells) - 1)
+        for index in range(training, len(nb.cells) - 1):
+            client.execute_cell(nb.cells[index], index)
+    again = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert (first["lora_params"], again["lora_params"]) == (4 * 768, 2 * 768)  # 2 blocks x ((64 + 192) + (64 + 64)) x r
+    assert core.read_lora_file(tmp_path / "out" / "lora_weights.pt")["config"]["rank"] == 2
+    assert again["val_loss_before"] == first["val_loss_before"]  # both runs start from GPT-2 itself
+    assert again["reload_max_abs_diff"] <= 1e-5 and again["adapter_off_max_abs_diff"] == 0.0
