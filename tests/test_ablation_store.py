@@ -191,10 +191,10 @@ def test_the_defaults_pass(nb):
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"RANKS": []}, r"RANKS = \[\] is not valid: RANKS must be a list of distinct positive integers"),
-    ({"RANKS": [4, 4]}, r"RANKS = \[4, 4\] is not valid: RANKS must be a list of distinct"),
-    ({"SEEDS": [1, 1]}, r"SEEDS = \[1, 1\] is not valid: SEEDS must be a list of distinct integers"),
-    ({"SCALINGS": ["alpha/r", "alpha/r"]}, r"SCALINGS = .* must be a list of distinct \['alpha/r', 'alpha/sqrt\(r\)'\]"),
+    ({"RANKS": []}, r"RANKS = \[\] is not valid: set RANKS to a list of distinct plain positive integers"),
+    ({"RANKS": [4, 4]}, r"RANKS = \[4, 4\] is not valid: set RANKS to a list of distinct"),
+    ({"SEEDS": [1, 1]}, r"SEEDS = \[1, 1\] is not valid: set SEEDS to a list of distinct plain integers"),
+    ({"SCALINGS": ["alpha/r", "alpha/r"]}, r"SCALINGS = .* set SCALINGS to a list of distinct \['alpha/r', 'alpha/sqrt\(r\)'\]"),
     ({"RANKS": [1, 1024]}, r"RANKS = \[1, 1024\] is not valid: .* up to 768"),
     ({"RANKS": [1, 0]}, r"RANKS = \[1, 0\] is not valid"),
     ({"RANKS": "1, 4"}, r"RANKS = '1, 4' is not valid: .* pass lists with -y"),
@@ -203,10 +203,10 @@ def test_the_defaults_pass(nb):
     ({"SUBSPACE_RANKS": [8]}, r"SUBSPACE_RANKS = \[8\] is not valid: .* \[smaller, larger\]"),
     ({"SUBSPACE_RANKS": [64, 8]}, r"SUBSPACE_RANKS = \[64, 8\] is not valid: .* \[smaller, larger\]"),
     ({"AMPLIFICATION_RANKS": [4, 2048]}, r"AMPLIFICATION_RANKS = \[4, 2048\] is not valid"),
-    ({"ANALYSIS_BLOCK": 12}, r"ANALYSIS_BLOCK = 12 is not valid: ANALYSIS_BLOCK must be None or a block from 0 to 11"),
+    ({"ANALYSIS_BLOCK": 12}, r"ANALYSIS_BLOCK = 12 is not valid: set ANALYSIS_BLOCK to None or a block from 0 to 11"),
     ({"ANALYSIS_BLOCK": -1}, r"ANALYSIS_BLOCK = -1 is not valid"),
-    ({"LAYER_SCALING": "r"}, r"LAYER_SCALING = 'r' is not valid: LAYER_SCALING must be one of"),
-    ({"STEPS_PER_RUN": 0}, r"STEPS_PER_RUN = 0 is not valid: STEPS_PER_RUN must be an integer of at least 2"),
+    ({"LAYER_SCALING": "r"}, r"LAYER_SCALING = 'r' is not valid: set LAYER_SCALING to one of"),
+    ({"STEPS_PER_RUN": 0}, r"STEPS_PER_RUN = 0 is not valid: set STEPS_PER_RUN to a plain integer of at least 2"),
 ])
 def test_a_bad_knob_is_named_with_its_fix(nb, change, message):
     with pytest.raises(ValueError, match=message):

@@ -132,11 +132,11 @@ def test_unknown_baseline_and_bad_knobs_are_clear_errors(nb, tiny_model_dir):
     with pytest.raises(ValueError, match=r"Unknown baseline 'lora'.*bitfit"):
         nb.apply_baseline(model, "lora")
     rules = nb.ablation_rules(n_positions=128)
-    with pytest.raises(ValueError, match=r"BASELINES = \['bitfit', 'bitfit'\] is not valid: BASELINES must be a list of distinct"):
+    with pytest.raises(ValueError, match=r"BASELINES = \['bitfit', 'bitfit'\] is not valid: set BASELINES to a list of distinct"):
         nb.validate_knobs({"BASELINES": ["bitfit", "bitfit"]}, rules)
     with pytest.raises(ValueError, match=r"LATENCY_SHAPES_CPU = \[\[1, 512\]\] is not valid: .* tokens <= 128"):
         nb.validate_knobs({"LATENCY_SHAPES_CPU": [[1, 512]]}, rules)
-    with pytest.raises(ValueError, match="LATENCY_REPEATS must be an integer of at least 2"):
+    with pytest.raises(ValueError, match=r"set LATENCY_REPEATS to a plain integer of at least 2"):
         nb.validate_knobs({"LATENCY_REPEATS": 1}, rules)
     nb.apply_baseline(model, "adapter_l")
     with pytest.raises(RuntimeError, match="already wrapped"):
@@ -206,7 +206,6 @@ def test_results_carry_the_baselines_and_latency_contract(baseline_results):
     for finding in (ids["latency"], ids["baselines"]):
         assert {"id", "claim", "paper", "measured", "margin", "verdict"} <= set(finding)
         assert finding["verdict"] in ("agrees", "disagrees", "inconclusive") and finding["margin"] is not None
-    assert (folder / "out" / "figures" / "latency.png").read_bytes()[:4] == b"\x89PNG"
     assert "merged vs unmerged LoRA r=4: max |Δ logits|" in printed
     assert "+20.7%" in printed and "+30.3%" in printed  # the paper's figures beside ours at its own shape
 
