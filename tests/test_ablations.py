@@ -369,6 +369,11 @@ def test_rerunning_the_weights_section_with_one_seed_recomputes_it(live_kernel):
     run("SEEDS = [1, 2]")
 
 
+def test_after_run_all_the_knobs_are_exactly_the_rules_names(live_kernel):
+    _, run, _ = live_kernel
+    assert run("print(sorted(set(knob_values()) ^ set(ablation_rules())))").strip() == "[]"
+
+
 def test_run_experiment_stores_the_init_and_lr_ratio_of_issue_16s_hooks(live_kernel):
     _, run, _ = live_kernel
     printed = run(
