@@ -18,10 +18,12 @@ from __future__ import annotations
 import ast
 import re
 import sys
+from pathlib import Path
 
 import nbformat
 
-from tools.nbcode import ABLATIONS_NOTEBOOK, CORE_TAG, MAIN_NOTEBOOK
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python tools/sync_shared.py` from the repo root
+from tools.nbcode import ABLATIONS_NOTEBOOK, CORE_TAG, MAIN_NOTEBOOK  # noqa: E402
 
 
 def top_level_names(source: str) -> list[str]:
