@@ -142,3 +142,87 @@ def test_papermill_float_warmup_and_unknown_knob_fail_before_anything_trains(tmp
     with pytest.raises(papermill.PapermillExecutionError, match=r"LEARNING_RATE is not a knob of this notebook"):
         run_ablations(tmp_path, tiny_model_dir, play_text_path, LEARNING_RATE=1e-3)
     assert not (tmp_path / "out").exists()
+
+
+# --- a section rerun in a live kernel reads the knobs as they are then (the model-free parts) ----------------
+
+
+def test_output_dir_at_or_under_a_plain_file_is_refused_before_anything_is_written(nb, tmp_path):
+    plain = tmp_path / "notes.txt"
+    plain.write_text("not a folder")
+    for value in (str(plain), str(plain / "out")):
+        with pytest.raises(ValueError, match=r"OUTPUT_DIR = .* is not valid: set OUTPUT_DIR to a folder path with no "
+                                             r"plain file at it or above it"):
+            check(nb, OUTPUT_DIR=value)
+    check(nb, OUTPUT_DIR=str(tmp_path / "new" / "folder"))  # a folder that does not exist yet is fine
+    assert not (tmp_path / "new").exists()  # the check writes nothing
+
+
+@pytest.mark.parametrize("name", ["a/b", "../up", "", "two words", 7])
+def test_a_run_name_that_cannot_name_a_file_is_refused_before_training(nb, tmp_path, name):
+    with pytest.raises(ValueError, match=r"run_experiment: name .* names the run's files: use letters, digits"):
+        nb.run_file(tmp_path, name, 1, {"rank": 4})
+    assert nb.run_file(tmp_path, "layers-Wq+Wv-alpha-sqrt-r", 1, {}).parent == tmp_path
+
+
+@pytest.fixture
+def setup_namespace(nb):
+    """The notebook's globals with section 0's three cells recorded as run under the default knobs."""
+    space = nb.validate_knobs.__globals__
+    space["setup_seen"] = {}
+    for step in nb.setup_steps():
+        nb.note_setup(step)
+    saved = {name: space[name] for names in nb.setup_steps().values() for name in names}
+    yield space
+    space.update(saved)
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("MODEL_NAME", "other/model"), ("DATA_PATH", "other.txt"), ("VAL_FRACTION", 0.3), ("PRECISION", "fp32"),
+    ("DEVICE", "cpu"), ("OUTPUT_DIR", "out2"), ("EVAL_BATCHES", 3), ("BATCH_SIZE", 4), ("BLOCK_SIZE", 128),
+])
+def test_a_setup_knob_changed_after_section_0_refuses_a_section_rerun(nb, setup_namespace, name, value):
+    nb.check_setup()  # unchanged: fine
+    setup_namespace[name] = value
+    with pytest.raises(RuntimeError, match=rf"{name} is now {value!r}, but section 0's \w+ cell ran with .*: the data, "
+                                           r"device and reference loss are still the old ones. Rerun from section 0"):
+        nb.check_setup()
+
+
+def test_a_section_0_cell_that_did_not_run_again_refuses_a_section_rerun(nb, setup_namespace):
+    del setup_namespace["setup_seen"]["reference"]  # the device cell ran again (it starts the record afresh), no more
+    with pytest.raises(RuntimeError, match=r"Section 0's reference cell has not run since its first cell: rerun from "
+                                           r"section 0"):
+        nb.check_setup()
+
+
+def test_the_model_fingerprint_tells_two_models_of_the_same_name_apart(nb, tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    first, second = (AutoModelForCausalLM.from_pretrained(tiny_model_dir) for _ in range(2))
+    assert nb.model_fingerprint(first) == nb.model_fingerprint(second)
+    with torch.no_grad():
+        second.transformer.h[0].attn.c_attn.weight[0, 0] += 1.0  # the first entry is in every sample
+    assert nb.model_fingerprint(first) != nb.model_fingerprint(second)
+
+
+def test_results_of_another_setup_in_output_dir_are_named_before_they_are_overwritten(nb, tmp_path):
+    import json
+
+    setup = {"model": "m", "model_fingerprint": "f1", "data_fingerprint": "d1"}
+    path = tmp_path / "ablation_results.json"
+    assert nb.earlier_results_note(path, setup) is None  # nothing there yet
+    path.write_text(json.dumps({"setup": setup}))
+    assert nb.earlier_results_note(path, setup) is None  # the same setup: nothing to say
+    path.write_text(json.dumps({"setup": dict(setup, data_fingerprint="d0")}))
+    note = nb.earlier_results_note(path, setup)
+    assert str(path) in note and "data_fingerprint 'd0' -> 'd1'" in note and "Set OUTPUT_DIR to another folder" in note
+    path.write_text(json.dumps({"rank": []}))  # written before the setup was recorded
+    assert "its setup is not recorded" in nb.earlier_results_note(path, setup)
+
+
+def test_a_finding_keeps_the_papers_words_apart_from_our_reading(nb):
+    finding = nb.make_finding("x", "claim", "the paper's words", [1.0, 1.1], [0.0, 0.1], 1, "detail", note="ours")
+    assert finding["paper"] == "the paper's words" and finding["note"] == "ours"
+    assert nb.make_finding("x", "c", "p", [1.0], [0.0], 1, "d")["note"] == ""
