@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 from pathlib import Path
 
 import nbformat
@@ -93,6 +94,26 @@ def test_findings_follow_the_contract(results):
         assert (f["verdict"] != "inconclusive") == outside, f
 
 
+def test_findings_quote_the_paper_apart_from_our_reading(results):
+    by_id = {}
+    for finding in results["findings"]:
+        by_id.setdefault(finding["id"], []).append(finding)
+        assert "note" in finding
+        assert not re.search(r"\b(ties|beats|transfers?|judged|our reading|we read)\b", finding["paper"]), finding["paper"]
+    assert [f["claim"] for f in by_id["amplification"]] == ["W projected on ΔW's top-4 directions is larger than on "
+                                                            "random ones"]  # the factor ordering that cannot fail: gone
+    assert "1.21 (2), 1.18 (4), 1.17 (8), 1.16 (16 to 512)" in by_id["rank"][0]["paper"]  # Table 18's row, any RANKS
+    assert "Adapting both Wq and Wv gives the best performance overall." in by_id["weights"][0]["paper"]
+    assert by_id["full_finetune"][0]["claim"].startswith("LoRA r=4 (c_attn + c_proj) reaches a lower validation loss")
+
+
+def test_every_run_config_carries_the_model_fingerprint_of_its_setup(results):
+    fingerprint = results["setup"]["model_fingerprint"]
+    assert len(fingerprint) == 16
+    assert {r["config"]["model_fingerprint"] for key in ("rank", "layers", "full_finetune", "qv") for r in results[key]} == {
+        fingerprint}
+
+
 def test_every_layer_row_has_the_same_budget(results, tiny_model_dir):
     n_layer, d = (json.loads((tiny_model_dir / "config.json").read_text())[k] for k in ("n_layer", "n_embd"))
     budgets = {r["trainable_params"] for r in results["layers"]}
@@ -152,6 +173,7 @@ def test_other_knobs_or_data_keep_finished_runs_and_one_seed_is_inconclusive(abl
     printed = run_ablations(folder, tiny_model_dir, other_text, SEEDS=[1], RANKS=[1], RUN_FULL_FINETUNE=False,
                             SUBSPACE_RANKS=[4, 8], AMPLIFICATION_RANKS=[4, 8])
     assert "runs left" in printed and "loaded from" not in printed  # other data: no saved run answers
+    assert "ablation_results.json and the figures beside it come from another setup (data_fingerprint" in printed
     assert {p.name: p.read_bytes() for p in runs.iterdir() if p.name in before} == before  # nothing overwritten
     one_seed = json.loads((folder / "out" / "ablation_results.json").read_text())
     assert one_seed["findings"] and {f["verdict"] for f in one_seed["findings"]} == {"inconclusive"}
@@ -388,3 +410,71 @@ def test_run_experiment_stores_the_init_and_lr_ratio_of_issue_16s_hooks(live_ker
     assert printed.split()[-7:] == ["mirrored", "4.0", "paper", "1.0", "0.0", "True", "True"]
     with pytest.raises(Exception, match="init must be 'paper' or 'mirrored'"):
         run("run_experiment('x', RANK_TARGETS, '', 4, 1, init='zeros')")
+
+
+def _knob_state(run) -> tuple[str, str]:
+    """What a refused rerun must leave alone: the run files (names and sizes) and the rank sweep's records."""
+    files = run("print(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in runs_dir.iterdir()))")
+    return files, run("print([(r['name'], r['seed'], r['val_loss']) for r in rank_runs])")
+
+
+@pytest.mark.parametrize(("knob", "value", "message"), [
+    ("RERUN", "'false'", r"RERUN = 'false' is not valid: .*use -y \\?\"RERUN: false"),
+    ("LR", "0", r"LR = 0 is not valid: set LR to a positive number"),
+    ("DROPOUT", "1.0", r"DROPOUT = 1.0 is not valid"),
+    ("RANK", "[1, 8]", r"RANK is not a knob of this notebook: did you mean RANKS\?"),
+    ("EVAL_BATCHES", "1", r"EVAL_BATCHES is now 1, but section 0's reference cell ran with 2: .*Rerun from section 0"),
+    ("DATA_PATH", "'other.txt'", r"DATA_PATH is now 'other.txt', but section 0's data cell ran with .*Rerun from section 0"),
+    ("PRECISION", "'fp16'", r"PRECISION is now 'fp16', but section 0's device cell ran with 'auto'"),
+    ("MODEL_NAME", "'openai-community/gpt2'", r"MODEL_NAME is now 'openai-community/gpt2', but section 0's data cell"),
+])
+def test_live_a_careless_knob_refuses_a_section_rerun_and_changes_nothing(live_kernel, knob, value, message):
+    _, run, rerun = live_kernel
+    before, previous = _knob_state(run), run(f"print(repr(globals().get({knob!r}, '<unset>')))").strip()
+    run(f"{knob} = {value}")
+    try:
+        with pytest.raises(Exception, match=message):
+            rerun("## 2.")
+        with pytest.raises(Exception, match=message):  # a direct call checks the same, before it builds a model
+            run("run_experiment(rank_name(2, 'alpha/r'), RANK_TARGETS, '', 2, 1)")
+    finally:
+        run(f"del {knob}" if previous == "'<unset>'" else f"{knob} = {previous}")
+    assert _knob_state(run) == before  # nothing trained, nothing written, the records as they were
+    assert "8 runs: 8 saved, 0 to train" in rerun("## 2.")  # and the knob set back, the section reruns
+
+
+def test_live_a_run_name_that_cannot_name_a_file_fails_before_training(live_kernel):
+    _, run, _ = live_kernel
+    before = _knob_state(run)
+    with pytest.raises(Exception, match=r"run_experiment: name 'a/b' names the run's files"):
+        run("run_experiment('a/b', RANK_TARGETS, '', 2, 1)")
+    assert _knob_state(run) == before
+
+
+def test_live_sections_2b_and_3_keep_their_own_analysis_block(live_kernel):
+    _, run, rerun = live_kernel
+    middle = int(run("print(model_shape['n_layer'] // 2)"))
+    run("ANALYSIS_BLOCK = 0")
+    try:
+        rerun("## 3.")  # section 3 moves to block 0; section 2b's results stay those of the middle block
+        rerun("## 6.")
+        printed = run("print(subspace_block, amplification_block, {a['block'] for a in amplification}, "
+                      "json.loads((output_dir / 'ablation_results.json').read_text())['subspace_similarity']['block'])")
+        assert printed.split() == [str(middle), "0", "{0}", str(middle)]
+    finally:
+        run("ANALYSIS_BLOCK = None")
+        rerun("## 3.")
+
+
+def test_live_section_5_shows_full_fine_tuning_only_under_the_knobs_of_now(live_kernel):
+    _, run, _ = live_kernel
+    run("full = run_experiment('full-finetune', [], '', 0, 1, full_finetune=True)")
+    current = "print(len(runs_now([full], whole=[], qkv='', rank=0, full_finetune=True)))"
+    assert run(current).strip() == "1"
+    for knob, other, back in (("STEPS_PER_RUN", "4", "3"), ("SEEDS", "[2]", "[1, 2]"), ("FULL_FINETUNE_LR", "1e-4", "5e-5")):
+        run(f"{knob} = {other}")
+        try:
+            assert run(current).strip() == "0", knob  # section 4's run is not the one section 5 would show now
+        finally:
+            run(f"{knob} = {back}")
+    assert run(current).strip() == "1"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 
 import papermill
@@ -208,6 +209,10 @@ def test_results_carry_the_baselines_and_latency_contract(baseline_results):
         assert finding["verdict"] in ("agrees", "disagrees", "inconclusive") and finding["margin"] is not None
     assert "merged vs unmerged LoRA r=4: max |Δ logits|" in printed
     assert "+20.7%" in printed and "+30.3%" in printed  # the paper's figures beside ours at its own shape
+    assert re.search(r"bitfit .*: not judged, no GPT-2 baseline in the paper", printed)
+    assert re.search(r"ft_top2 .*: not judged, \d+x LoRA r=4's trainable parameters", printed)  # not comparable
+    assert re.search(r"than the strongest baseline of comparable size here, adapter_[hl] ", ids["baselines"]["claim"])
+    assert "mean over the timed passes" in ids["latency"]["detail"]  # what seed_gap computes, named
 
 
 def test_adapter_runs_match_lora_r4_budget_on_the_tiny_model(baseline_results, tiny_model_dir):
