@@ -226,3 +226,8 @@ def test_a_finding_keeps_the_papers_words_apart_from_our_reading(nb):
     finding = nb.make_finding("x", "claim", "the paper's words", [1.0, 1.1], [0.0, 0.1], 1, "detail", note="ours")
     assert finding["paper"] == "the paper's words" and finding["note"] == "ours"
     assert nb.make_finding("x", "c", "p", [1.0], [0.0], 1, "d")["note"] == ""
+
+
+def test_a_lora_run_with_nothing_to_adapt_fails_before_a_model_is_built(nb):
+    with pytest.raises(ValueError, match=r"run_experiment: a LoRA run needs something to adapt: whole modules"):
+        nb.run_config([], "", 4, "alpha/r", False, None, "paper", None, 1.0, 1)
