@@ -205,6 +205,8 @@ def test_the_model_fingerprint_tells_two_models_of_the_same_name_apart(nb, tiny_
     with torch.no_grad():
         second.transformer.h[0].attn.c_attn.weight[0, 0] += 1.0  # the first entry is in every sample
     assert nb.model_fingerprint(first) != nb.model_fingerprint(second)
+    with_dropout = AutoModelForCausalLM.from_pretrained(tiny_model_dir, resid_pdrop=0.3)
+    assert nb.model_fingerprint(with_dropout) == nb.model_fingerprint(first)  # a run's config holds its dropout
 
 
 def test_results_of_another_setup_in_output_dir_are_named_before_they_are_overwritten(nb, tmp_path):

@@ -466,6 +466,14 @@ def test_live_sections_2b_and_3_keep_their_own_analysis_block(live_kernel):
         rerun("## 3.")
 
 
+def test_live_rebuild_refuses_a_model_folder_whose_weights_changed(live_kernel):
+    _, run, _ = live_kernel
+    assert run("print(type(rebuild(rank_runs[0], device)).__name__)").strip() == "GPT2LMHeadModel"
+    with pytest.raises(Exception, match=r"is not the one run .* trained on \(its config or weights changed since\): "
+                                         r"rerun from section 0"):
+        run("rebuild(dict(rank_runs[0], config=dict(rank_runs[0]['config'], model_fingerprint='0' * 16)), device)")
+
+
 def test_live_section_5_shows_full_fine_tuning_only_under_the_knobs_of_now(live_kernel):
     _, run, _ = live_kernel
     run("full = run_experiment('full-finetune', [], '', 0, 1, full_finetune=True)")
