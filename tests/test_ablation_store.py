@@ -175,7 +175,7 @@ def test_atomic_write_leaves_the_old_file_when_interrupted(nb, tmp_path):
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["run.json"]
 
 
-# --- knob validation ---------------------------------------------------------------------------------------------
+# --- knob validation (the rules table; papermill's kinds of careless input are in test_ablation_bad_inputs.py) ---
 
 GOOD = {
     "SEEDS": [0, 1, 2], "RANKS": [1, 4, 16, 64], "SCALINGS": ["alpha/r", "alpha/sqrt(r)"],
@@ -183,30 +183,70 @@ GOOD = {
     "LAYER_SCALING": "alpha/sqrt(r)", "ANALYSIS_BLOCK": None, "STEPS_PER_RUN": 400,
 }
 MODULES = [f"transformer.h.{i}.{m}" for i in range(12) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc")]
+SHAPE = {"max_rank": 768, "n_layer": 12, "n_positions": 1024, "module_names": MODULES}
 
 
 def test_the_defaults_pass(nb):
-    nb.validate_ablation_knobs(GOOD, n_layer=12, max_rank=768, module_names=MODULES)
+    nb.validate_knobs(GOOD, nb.ablation_rules(**SHAPE))
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"RANKS": []}, "RANKS is empty"),
-    ({"RANKS": [4, 4]}, "RANKS lists 4 more than once"),
-    ({"SEEDS": [1, 1]}, "SEEDS lists 1 more than once"),
-    ({"SCALINGS": ["alpha/r", "alpha/r"]}, r"SCALINGS lists 'alpha/r' more than once: give each value once\.$"),
-    ({"RANKS": [1, 1024]}, "RANKS holds 1024, above 768"),
-    ({"RANKS": [1, 0]}, "RANKS holds 0"),
-    ({"RANKS": "1, 4"}, "RANKS must be a list"),
-    ({"SCALINGS": ["alpha"]}, "SCALINGS holds 'alpha'"),
-    ({"RANK_TARGETS": ["c_attention"]}, "RANK_TARGETS holds 'c_attention'"),
-    ({"SUBSPACE_RANKS": [8]}, "SUBSPACE_RANKS must hold exactly 2 values"),
-    ({"SUBSPACE_RANKS": [64, 8]}, r"SUBSPACE_RANKS must be \[smaller rank, larger rank\]"),
-    ({"AMPLIFICATION_RANKS": [4, 2048]}, "AMPLIFICATION_RANKS holds 2048"),
-    ({"ANALYSIS_BLOCK": 12}, "ANALYSIS_BLOCK must be None or a block index from 0 to 11"),
-    ({"ANALYSIS_BLOCK": -1}, "ANALYSIS_BLOCK must be None"),
-    ({"LAYER_SCALING": "r"}, "LAYER_SCALING must be one of"),
-    ({"STEPS_PER_RUN": 0}, "STEPS_PER_RUN must be an integer"),
+    ({"RANKS": []}, r"RANKS = \[\] is not valid: set RANKS to a list of distinct plain positive integers"),
+    ({"RANKS": [4, 4]}, r"RANKS = \[4, 4\] is not valid: set RANKS to a list of distinct"),
+    ({"SEEDS": [1, 1]}, r"SEEDS = \[1, 1\] is not valid: set SEEDS to a list of distinct plain integers"),
+    ({"SCALINGS": ["alpha/r", "alpha/r"]}, r"SCALINGS = .* set SCALINGS to a list of distinct \['alpha/r', 'alpha/sqrt\(r\)'\]"),
+    ({"RANKS": [1, 1024]}, r"RANKS = \[1, 1024\] is not valid: .* up to 768"),
+    ({"RANKS": [1, 0]}, r"RANKS = \[1, 0\] is not valid"),
+    ({"RANKS": "1, 4"}, r"RANKS = '1, 4' is not valid: .* pass lists with -y"),
+    ({"SCALINGS": ["alpha"]}, r"SCALINGS = \['alpha'\] is not valid"),
+    ({"RANK_TARGETS": ["c_attention"]}, r"RANK_TARGETS = \['c_attention'\] is not valid: .* module name ends"),
+    ({"SUBSPACE_RANKS": [8]}, r"SUBSPACE_RANKS = \[8\] is not valid: .* \[smaller, larger\]"),
+    ({"SUBSPACE_RANKS": [64, 8]}, r"SUBSPACE_RANKS = \[64, 8\] is not valid: .* \[smaller, larger\]"),
+    ({"AMPLIFICATION_RANKS": [4, 2048]}, r"AMPLIFICATION_RANKS = \[4, 2048\] is not valid"),
+    ({"ANALYSIS_BLOCK": 12}, r"ANALYSIS_BLOCK = 12 is not valid: set ANALYSIS_BLOCK to None or a block from 0 to 11"),
+    ({"ANALYSIS_BLOCK": -1}, r"ANALYSIS_BLOCK = -1 is not valid"),
+    ({"LAYER_SCALING": "r"}, r"LAYER_SCALING = 'r' is not valid: set LAYER_SCALING to one of"),
+    ({"STEPS_PER_RUN": 0}, r"STEPS_PER_RUN = 0 is not valid: set STEPS_PER_RUN to a plain integer of at least 2"),
 ])
 def test_a_bad_knob_is_named_with_its_fix(nb, change, message):
     with pytest.raises(ValueError, match=message):
-        nb.validate_ablation_knobs(GOOD | change, n_layer=12, max_rank=768, module_names=MODULES)
+        nb.validate_knobs(GOOD | change, nb.ablation_rules(**SHAPE))
+
+
+def test_before_the_model_is_loaded_only_its_shape_is_unchecked(nb):
+    nb.validate_knobs(GOOD | {"RANKS": [1, 1024], "ANALYSIS_BLOCK": 40}, nb.ablation_rules())  # no shape yet
+    with pytest.raises(ValueError, match="RANKS = "):
+        nb.validate_knobs(GOOD | {"RANKS": [1, 1024]}, nb.ablation_rules(**SHAPE))
+
+
+# --- optimizer groups and the initialisation (issue 16's hooks) --------------------------------------------------
+
+
+def test_lr_ratio_gives_b_its_own_learning_rate(nb, tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    nb.inject_plan(model, ["attn.c_attn"], "", rank=2, alpha=4)
+    one = nb.make_optimizer(model, 1e-3, 0.01)
+    assert [g["lr"] for g in one.param_groups] == [1e-3]
+    two = nb.make_optimizer(model, 1e-3, 0.01, lr_ratio=16)
+    b_ids = {id(p) for n, p in model.named_parameters() if n.endswith(".B")}
+    a_ids = {id(p) for n, p in model.named_parameters() if n.endswith(".A")}
+    groups = sorted(two.param_groups, key=lambda g: g["lr"])
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1.6e-2])
+    assert {id(p) for p in groups[0]["params"]} == a_ids and {id(p) for p in groups[1]["params"]} == b_ids
+
+
+def test_mirrored_init_starts_at_gpt2_with_a_zero(nb, tiny_model_dir):
+    batch = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        before = model(batch).logits
+    nb.inject_plan(model, [], "qv", rank=2, alpha=4)
+    nb.set_init(model, "mirrored")
+    layers = [m for m in model.modules() if isinstance(m, nb.LoRALayer)]
+    assert layers and all(torch.count_nonzero(m.A) == 0 and torch.count_nonzero(m.B) > 0 for m in layers)
+    assert all(abs(m.B.std().item() - 2**-0.5) < 0.2 for m in layers)  # std 1/sqrt(r), r = 2
+    with torch.no_grad():
+        assert torch.equal(model(batch).logits, before)  # A = 0: the update is exactly zero
+    model.train()
+    model(batch, labels=batch).loss.backward()
+    assert all(m.A.grad.abs().max() > 0 and torch.count_nonzero(m.B.grad) == 0 for m in layers)  # A moves first

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 from pathlib import Path
 
+import nbformat
 import papermill
 import pytest
 import torch
@@ -13,6 +15,7 @@ from conftest import MAIN_NOTEBOOK, TINY_BLOCK_SIZE, notebook_stdout
 from transformers import AutoModelForCausalLM
 
 from tools.nbcode import ABLATIONS_NOTEBOOK, load_core, tagged_sources
+from tools.sync_shared import copy_of, sync, top_level_names, without_form_title
 
 RANKS, SUBSPACE_RANKS, SCALINGS = [1, 4, 32], [8, 32], ["alpha/r", "alpha/sqrt(r)"]
 
@@ -91,6 +94,26 @@ def test_findings_follow_the_contract(results):
         assert (f["verdict"] != "inconclusive") == outside, f
 
 
+def test_findings_quote_the_paper_apart_from_our_reading(results):
+    by_id = {}
+    for finding in results["findings"]:
+        by_id.setdefault(finding["id"], []).append(finding)
+        assert "note" in finding
+        assert not re.search(r"\b(ties|beats|transfers?|judged|our reading|we read)\b", finding["paper"]), finding["paper"]
+    assert [f["claim"] for f in by_id["amplification"]] == ["W projected on ΔW's top-4 directions is larger than on "
+                                                            "random ones"]  # the factor ordering that cannot fail: gone
+    assert "1.21 (2), 1.18 (4), 1.17 (8), 1.16 (16 to 512)" in by_id["rank"][0]["paper"]  # Table 18's row, any RANKS
+    assert "Adapting both Wq and Wv gives the best performance overall." in by_id["weights"][0]["paper"]
+    assert by_id["full_finetune"][0]["claim"].startswith("LoRA r=4 (c_attn + c_proj) reaches a lower validation loss")
+
+
+def test_every_run_config_carries_the_model_fingerprint_of_its_setup(results):
+    fingerprint = results["setup"]["model_fingerprint"]
+    assert len(fingerprint) == 16
+    assert {r["config"]["model_fingerprint"] for key in ("rank", "layers", "full_finetune", "qv") for r in results[key]} == {
+        fingerprint}
+
+
 def test_every_layer_row_has_the_same_budget(results, tiny_model_dir):
     n_layer, d = (json.loads((tiny_model_dir / "config.json").read_text())[k] for k in ("n_layer", "n_embd"))
     budgets = {r["trainable_params"] for r in results["layers"]}
@@ -128,11 +151,14 @@ def test_amplification_table(results):
         assert entry["amplification_factor"] == pytest.approx(entry["delta_w_norm"] / entry["projection_norm"]["delta_w"])
 
 
-def test_figures_and_adapter_are_written(ablation_run):
+def test_figures_are_written_and_nothing_strays(ablation_run):
     folder, printed = ablation_run
     for name in ("rank_comparison", "layer_selection", "subspace_similarity"):
         assert (folder / "out" / "figures" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
-    assert (folder / "out" / "adapter_wq_wv" / "adapter_model.safetensors").is_file()
+    assert not (folder / "out" / "adapter_wq_wv").exists()  # the PEFT export left with issue 15
+    nb = nbformat.read(folder / "executed-0.ipynb", 4)
+    errors = [o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.get("name") == "stderr"]
+    assert errors == []  # no warning, no "Loading weights" bar, no loss_type message
     assert "every row has the same budget: True" in printed
     assert printed.count("phi(A, A, i, i) in [1.000000, 1.000000] (must be 1)") == 2  # Wq and Wv
 
@@ -147,6 +173,7 @@ def test_other_knobs_or_data_keep_finished_runs_and_one_seed_is_inconclusive(abl
     printed = run_ablations(folder, tiny_model_dir, other_text, SEEDS=[1], RANKS=[1], RUN_FULL_FINETUNE=False,
                             SUBSPACE_RANKS=[4, 8], AMPLIFICATION_RANKS=[4, 8])
     assert "runs left" in printed and "loaded from" not in printed  # other data: no saved run answers
+    assert "ablation_results.json and the figures beside it come from another setup (data_fingerprint" in printed
     assert {p.name: p.read_bytes() for p in runs.iterdir() if p.name in before} == before  # nothing overwritten
     one_seed = json.loads((folder / "out" / "ablation_results.json").read_text())
     assert one_seed["findings"] and {f["verdict"] for f in one_seed["findings"]} == {"inconclusive"}
@@ -184,9 +211,9 @@ def test_checkpoint_sizes_count_only_what_a_checkpoint_needs(results):
 
 
 def test_a_bad_knob_fails_before_the_first_run(tmp_path, tiny_model_dir, play_text_path):
-    with pytest.raises(papermill.PapermillExecutionError, match="RANKS holds 0"):
+    with pytest.raises(papermill.PapermillExecutionError, match=r"RANKS = \[1, 0\] is not valid"):
         run_ablations(tmp_path, tiny_model_dir, play_text_path, RANKS=[1, 0])
-    assert not list((tmp_path / "out" / "ablation_runs").iterdir())  # failed in seconds, nothing trained
+    assert not (tmp_path / "out").exists()  # failed in seconds, before anything was written
 
 
 # --- definitions in isolation --------------------------------------------------------------------------------
@@ -213,7 +240,19 @@ def test_lora_layer_and_inject_cells_are_identical_text():
         return next(c for c in tagged_sources(notebook) if f"class {name}(" in c or f"def {name}(" in c)
 
     for name in ("LoRALayer", "inject_lora"):
-        assert cell_defining(MAIN_NOTEBOOK, name) == cell_defining(ABLATIONS_NOTEBOOK, name)
+        main, ablations = cell_defining(MAIN_NOTEBOOK, name), cell_defining(ABLATIONS_NOTEBOOK, name)
+        assert ablations == copy_of(main, ablations)  # the main cell's text, under a collapsed form title at most
+        assert without_form_title(ablations)[1] == without_form_title(main)[1]
+
+
+def test_shared_cells_are_collapsed_and_the_copies_are_in_sync():
+    assert sync(check=True) == []
+    for source in tagged_sources(ABLATIONS_NOTEBOOK):
+        names = top_level_names(source)
+        if names and names[0] in {"cpu_has_fast_bf16", "LoRALayer", "adaptable_modules", "evaluate_loss", "merge_lora"}:
+            assert without_form_title(source)[0], f"{names[0]}'s cell is not a collapsed form"
+    ablation_code = "\n".join(tagged_sources(ABLATIONS_NOTEBOOK))
+    assert "def export_peft_adapter" not in ablation_code and "def write_peft_adapter" not in ablation_code
 
 
 def _randomize_lora(model, seed=0):
@@ -260,32 +299,190 @@ def test_subspace_similarity_bounds_and_identity(ablations):
     assert disjoint.abs().max() < 1e-12
 
 
-def test_sliced_qv_adapter_exports_as_a_rank_2r_peft_adapter(ablations, tiny_model_dir, tmp_path):
-    from peft import PeftModel
-
-    ours = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    torch.manual_seed(0)
-    ablations.inject_plan(ours, [], "qv", rank=6, alpha=8)
-    _randomize_lora(ours)
-    folder = ablations.export_qkv_peft_adapter(ours, tmp_path / "adapter")
-    config = json.loads((folder / "adapter_config.json").read_text())
-    assert (config["r"], config["lora_alpha"]) == (12, 16)
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), folder).eval()
-    batch = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert (ours(batch).logits - peft_model(batch).logits).abs().max().item() <= 1e-5
-        merged = peft_model.merge_and_unload().transformer.h[0].attn.c_attn.weight
-        assert (merged - ours.transformer.h[0].attn.c_attn.weight).abs().max().item() <= 1e-5
-
-
-def test_export_refuses_a_mixed_plan(ablations, tiny_model_dir, tmp_path):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    ablations.inject_plan(model, ["attn.c_proj"], "qkv", rank=3, alpha=8)
-    with pytest.raises(ValueError, match="QKV slices only"):
-        ablations.export_qkv_peft_adapter(model, tmp_path / "adapter")
-
-
 @pytest.mark.parametrize("slices", ["", "x", "qq k"])
 def test_bad_slices_are_a_clear_error(ablations, slices):
     with pytest.raises(ValueError, match="slices must be letters of 'qkv'"):
         ablations.QKVLoRA(16, 48, slices, rank=2, alpha=4)
+
+
+# --- a live kernel: Run all, then one section rerun with other knobs ------------------------------------------
+
+
+def section_cells(nb, heading: str) -> list:
+    """The code cells from the markdown heading that starts with `heading` to the next heading."""
+    start = next(i for i, c in enumerate(nb.cells) if c.cell_type == "markdown" and c.source.startswith(heading))
+    cells = []
+    for cell in nb.cells[start + 1 :]:
+        if cell.cell_type == "markdown" and cell.source.startswith("#"):
+            break
+        if cell.cell_type == "code":
+            cells.append(cell)
+    return cells
+
+
+@pytest.fixture(scope="module")
+def live_kernel(tmp_path_factory, tiny_model_dir, play_text_path):
+    """A kernel that ran the whole notebook on the tiny GPT-2 (no full fine-tuning, no baselines), kept open."""
+    from nbclient import NotebookClient
+    from papermill.iorw import load_notebook_node
+    from papermill.parameterize import parameterize_notebook
+
+    folder = tmp_path_factory.mktemp("live")
+    parameters = {
+        "MODEL_NAME": str(tiny_model_dir), "DATA_URL": "http://127.0.0.1:9/never-used", "DATA_PATH": str(play_text_path),
+        "DATA_SHA256": None, "BLOCK_SIZE": TINY_BLOCK_SIZE, "BATCH_SIZE": 4, "STEPS_PER_RUN": 3, "LR": 1e-2,
+        "EVAL_BATCHES": 2, "SEEDS": [1, 2], "RANKS": [1, 4], "SUBSPACE_RANKS": [4, 8], "AMPLIFICATION_RANKS": [4, 8],
+        "SAMPLE_TOKENS": 4, "OUTPUT_DIR": "out", "RUN_BASELINES": False, "RUN_FULL_FINETUNE": False,
+    }
+    nb = parameterize_notebook(load_notebook_node(str(ABLATIONS_NOTEBOOK)), parameters)
+    client = NotebookClient(nb, kernel_name="python3", resources={"metadata": {"path": str(folder)}}, timeout=600)
+    with client.setup_kernel():
+        for index, cell in enumerate(nb.cells):
+            if cell.cell_type == "code":
+                client.execute_cell(cell, index)
+
+        def run(source: str) -> str:
+            cell = nbformat.v4.new_code_cell(source)
+            client.execute_cell(cell, 0)
+            return "".join(o.get("text", "") for o in cell.outputs)
+
+        def rerun(heading: str) -> str:
+            printed = []
+            for cell in section_cells(nb, heading):
+                client.execute_cell(cell, nb.cells.index(cell))
+                printed += [o.get("text", "") for o in cell.outputs]
+            return "".join(printed)
+
+        yield nb, run, rerun
+
+
+def test_rerunning_the_rank_section_with_other_ranks_recomputes_it(live_kernel):
+    _, run, rerun = live_kernel
+    printed = rerun("## 2.")
+    assert "8 runs: 8 saved, 0 to train" in printed  # everything from the store
+    run("RANKS = [1, 8]")
+    printed = rerun("## 2.")
+    assert "8 runs: 4 saved, 4 to train" in printed  # r=1 loads, r=8 trains
+    assert run("print(sorted({r['config']['rank'] for r in rank_runs}))").strip() == "[1, 8]"
+    assert "on GPT-2 r=8 reaches a lower validation loss than r=1" in printed  # the finding, redrawn
+    assert run("print([f['claim'][:12] for f in findings if f['id'] == 'rank'])").strip() == "['on GPT-2 r=8']"
+
+
+def test_rerunning_the_subspace_section_with_other_ranks_recomputes_it(live_kernel):
+    _, run, rerun = live_kernel
+    run("SUBSPACE_RANKS = [4, 16]")
+    printed = rerun("### 2b.")  # issue 15: this raised KeyError: (16, 1) when the plan was computed cells earlier
+    assert "phi(A r=4, A r=16)" in printed and "4 runs: 2 saved, 2 to train" in printed  # qv-r4 is section 3's
+    assert run("print(tuple(phi['Wq'].shape), tuple(phi_seeds['Wq'].shape))").strip() == "(4, 16) (16, 16)"
+    run("SUBSPACE_RANKS = [16, 4]")
+    with pytest.raises(Exception, match=r"SUBSPACE_RANKS = \[16, 4\] is not valid"):  # checked again at the start
+        rerun("### 2b.")
+    run("SUBSPACE_RANKS = [4, 16]")
+
+
+def test_rerunning_the_weights_section_with_one_seed_recomputes_it(live_kernel):
+    _, run, rerun = live_kernel
+    run("SEEDS = [2]")
+    printed = rerun("## 1.")
+    assert "runs: 9 saved, 0 to train" in printed
+    assert run("print(sorted({r['seed'] for r in layer_runs}))").strip() == "[2]"
+    assert run("print({f['verdict'] for f in findings if f['id'] == 'weights'})").strip() == "{'inconclusive'}"
+    assert "± n/a" in printed
+    run("SEEDS = [1, 2]")
+
+
+def test_after_run_all_the_knobs_are_exactly_the_rules_names(live_kernel):
+    _, run, _ = live_kernel
+    assert run("print(sorted(set(knob_values()) ^ set(ablation_rules())))").strip() == "[]"
+
+
+def test_run_experiment_stores_the_init_and_lr_ratio_of_issue_16s_hooks(live_kernel):
+    _, run, _ = live_kernel
+    printed = run(
+        "mirrored = run_experiment('hook-mirrored', RANK_TARGETS, '', 4, 1, init='mirrored', lr_ratio=4.0)\n"
+        "plain = run_experiment(rank_name(4, 'alpha/r'), RANK_TARGETS, '', 4, 1)\n"
+        "tensors = load_trained(mirrored)\n"
+        "a0 = max(t.abs().max().item() for t in tensors['initial_A'].values())\n"
+        "b0 = min(t.abs().max().item() for t in tensors['initial_B'].values())\n"
+        "print(mirrored['config']['init'], mirrored['config']['lr_ratio'], plain['config']['init'], "
+        "plain['config']['lr_ratio'], a0, b0 > 0, mirrored['val_loss'] != plain['val_loss'])"
+    )
+    assert printed.split()[-7:] == ["mirrored", "4.0", "paper", "1.0", "0.0", "True", "True"]
+    with pytest.raises(Exception, match="init must be 'paper' or 'mirrored'"):
+        run("run_experiment('x', RANK_TARGETS, '', 4, 1, init='zeros')")
+
+
+def _knob_state(run) -> tuple[str, str]:
+    """What a refused rerun must leave alone: the run files (names and sizes) and the rank sweep's records."""
+    files = run("print(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in runs_dir.iterdir()))")
+    return files, run("print([(r['name'], r['seed'], r['val_loss']) for r in rank_runs])")
+
+
+@pytest.mark.parametrize(("knob", "value", "message"), [
+    ("RERUN", "'false'", r"RERUN = 'false' is not valid: .*use -y \\?\"RERUN: false"),
+    ("LR", "0", r"LR = 0 is not valid: set LR to a positive number"),
+    ("DROPOUT", "1.0", r"DROPOUT = 1.0 is not valid"),
+    ("RANK", "[1, 8]", r"RANK is not a knob of this notebook: did you mean RANKS\?"),
+    ("EVAL_BATCHES", "1", r"EVAL_BATCHES is now 1, but section 0's reference cell ran with 2: .*Rerun from section 0"),
+    ("DATA_PATH", "'other.txt'", r"DATA_PATH is now 'other.txt', but section 0's data cell ran with .*Rerun from section 0"),
+    ("PRECISION", "'fp16'", r"PRECISION is now 'fp16', but section 0's device cell ran with 'auto'"),
+    ("MODEL_NAME", "'openai-community/gpt2'", r"MODEL_NAME is now 'openai-community/gpt2', but section 0's data cell"),
+])
+def test_live_a_careless_knob_refuses_a_section_rerun_and_changes_nothing(live_kernel, knob, value, message):
+    _, run, rerun = live_kernel
+    before, previous = _knob_state(run), run(f"print(repr(globals().get({knob!r}, '<unset>')))").strip()
+    run(f"{knob} = {value}")
+    try:
+        with pytest.raises(Exception, match=message):
+            rerun("## 2.")
+        with pytest.raises(Exception, match=message):  # a direct call checks the same, before it builds a model
+            run("run_experiment(rank_name(2, 'alpha/r'), RANK_TARGETS, '', 2, 1)")
+    finally:
+        run(f"del {knob}" if previous == "'<unset>'" else f"{knob} = {previous}")
+    assert _knob_state(run) == before  # nothing trained, nothing written, the records as they were
+    assert "8 runs: 8 saved, 0 to train" in rerun("## 2.")  # and the knob set back, the section reruns
+
+
+def test_live_a_run_name_that_cannot_name_a_file_fails_before_training(live_kernel):
+    _, run, _ = live_kernel
+    before = _knob_state(run)
+    with pytest.raises(Exception, match=r"run_experiment: name 'a/b' names the run's files"):
+        run("run_experiment('a/b', RANK_TARGETS, '', 2, 1)")
+    assert _knob_state(run) == before
+
+
+def test_live_sections_2b_and_3_keep_their_own_analysis_block(live_kernel):
+    _, run, rerun = live_kernel
+    middle = int(run("print(model_shape['n_layer'] // 2)"))
+    run("ANALYSIS_BLOCK = 0")
+    try:
+        rerun("## 3.")  # section 3 moves to block 0; section 2b's results stay those of the middle block
+        rerun("## 6.")
+        printed = run("print(subspace_block, amplification_block, {a['block'] for a in amplification}, "
+                      "json.loads((output_dir / 'ablation_results.json').read_text())['subspace_similarity']['block'])")
+        assert printed.split() == [str(middle), "0", "{0}", str(middle)]
+    finally:
+        run("ANALYSIS_BLOCK = None")
+        rerun("## 3.")
+
+
+def test_live_rebuild_refuses_a_model_folder_whose_weights_changed(live_kernel):
+    _, run, _ = live_kernel
+    assert run("print(type(rebuild(rank_runs[0], device)).__name__)").strip() == "GPT2LMHeadModel"
+    with pytest.raises(Exception, match=r"is not the one run .* trained on \(its config or weights changed since\): "
+                                         r"rerun from section 0"):
+        run("rebuild(dict(rank_runs[0], config=dict(rank_runs[0]['config'], model_fingerprint='0' * 16)), device)")
+
+
+def test_live_section_5_shows_full_fine_tuning_only_under_the_knobs_of_now(live_kernel):
+    _, run, _ = live_kernel
+    run("full = run_experiment('full-finetune', [], '', 0, 1, full_finetune=True)")
+    current = "print(len(runs_now([full], whole=[], qkv='', rank=0, full_finetune=True)))"
+    assert run(current).strip() == "1"
+    for knob, other, back in (("STEPS_PER_RUN", "4", "3"), ("SEEDS", "[2]", "[1, 2]"), ("FULL_FINETUNE_LR", "1e-4", "5e-5")):
+        run(f"{knob} = {other}")
+        try:
+            assert run(current).strip() == "0", knob  # section 4's run is not the one section 5 would show now
+        finally:
+            run(f"{knob} = {back}")
+    assert run(current).strip() == "1"

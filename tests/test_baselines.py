@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 
 import papermill
@@ -131,12 +132,13 @@ def test_unknown_baseline_and_bad_knobs_are_clear_errors(nb, tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     with pytest.raises(ValueError, match=r"Unknown baseline 'lora'.*bitfit"):
         nb.apply_baseline(model, "lora")
-    with pytest.raises(ValueError, match="BASELINES lists 'bitfit' more than once"):
-        nb.check_baseline_knobs(["bitfit", "bitfit"], [[1, 8]], 3, 1, 128)
-    with pytest.raises(ValueError, match="LATENCY_SHAPES_CPU must be .* tokens <= 128"):
-        nb.check_baseline_knobs(["bitfit"], [[1, 512]], 3, 1, 128, "LATENCY_SHAPES_CPU")
-    with pytest.raises(ValueError, match="LATENCY_REPEATS must be an integer of at least 2"):
-        nb.check_baseline_knobs(["bitfit"], [[1, 8]], 1, 1, 128)
+    rules = nb.ablation_rules(n_positions=128)
+    with pytest.raises(ValueError, match=r"BASELINES = \['bitfit', 'bitfit'\] is not valid: set BASELINES to a list of distinct"):
+        nb.validate_knobs({"BASELINES": ["bitfit", "bitfit"]}, rules)
+    with pytest.raises(ValueError, match=r"LATENCY_SHAPES_CPU = \[\[1, 512\]\] is not valid: .* tokens <= 128"):
+        nb.validate_knobs({"LATENCY_SHAPES_CPU": [[1, 512]]}, rules)
+    with pytest.raises(ValueError, match=r"set LATENCY_REPEATS to a plain integer of at least 2"):
+        nb.validate_knobs({"LATENCY_REPEATS": 1}, rules)
     nb.apply_baseline(model, "adapter_l")
     with pytest.raises(RuntimeError, match="already wrapped"):
         nb.apply_baseline(model, "adapter_l")
@@ -203,11 +205,14 @@ def test_results_carry_the_baselines_and_latency_contract(baseline_results):
     ids = {f["id"]: f for f in results["findings"]}
     assert {"latency", "baselines"} <= set(ids)
     for finding in (ids["latency"], ids["baselines"]):
-        assert set(finding) == {"id", "claim", "paper", "measured", "margin", "verdict"}
+        assert {"id", "claim", "paper", "measured", "margin", "verdict"} <= set(finding)
         assert finding["verdict"] in ("agrees", "disagrees", "inconclusive") and finding["margin"] is not None
-    assert (folder / "out" / "figures" / "latency.png").read_bytes()[:4] == b"\x89PNG"
     assert "merged vs unmerged LoRA r=4: max |Δ logits|" in printed
     assert "+20.7%" in printed and "+30.3%" in printed  # the paper's figures beside ours at its own shape
+    assert re.search(r"bitfit .*: not judged, no GPT-2 baseline in the paper", printed)
+    assert re.search(r"ft_top2 .*: not judged, \d+x LoRA r=4's trainable parameters", printed)  # not comparable
+    assert re.search(r"than the strongest baseline of comparable size here, adapter_[hl] ", ids["baselines"]["claim"])
+    assert "mean over the timed passes" in ids["latency"]["detail"]  # what seed_gap computes, named
 
 
 def test_adapter_runs_match_lora_r4_budget_on_the_tiny_model(baseline_results, tiny_model_dir):
@@ -230,6 +235,6 @@ def test_one_switch_turns_the_section_off(tmp_path, tiny_model_dir, play_text_pa
 
 
 def test_a_bad_baseline_knob_fails_before_the_first_run(tmp_path, tiny_model_dir, play_text_path):
-    with pytest.raises(papermill.PapermillExecutionError, match=r"BASELINES holds 'nope'"):
+    with pytest.raises(papermill.PapermillExecutionError, match=r"BASELINES = \['bitfit', 'nope'\] is not valid"):
         run_ablations(tmp_path, tiny_model_dir, play_text_path, RUN_BASELINES=True, BASELINES=["bitfit", "nope"])
-    assert not list((tmp_path / "out" / "ablation_runs").iterdir())  # failed in seconds, nothing trained
+    assert not (tmp_path / "out").exists()  # failed in seconds, before anything was written
