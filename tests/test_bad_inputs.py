@@ -325,11 +325,11 @@ def _poison(checkpoint, value):
     [
         (lambda c: _poison(c, float("nan")), "holds NaN, inf or non-float values"),
         (lambda c: _poison(c, float("inf")), "holds NaN, inf or non-float values"),
-        (lambda c: c["config"].update(alpha=float("inf")), "has alpha inf; alpha must be a finite positive number"),
-        (lambda c: c["config"].update(alpha=float("nan")), "has alpha nan"),
-        (lambda c: c["config"].update(alpha=-8), "has alpha -8"),
-        (lambda c: c["config"].update(rank=0), "has rank 0"),
-        (lambda c: c["config"].update(scaling="alpha"), "has scaling 'alpha'; known rules"),
+        (lambda c: c["config"].update(alpha=float("inf")), "alpha must be a finite positive number, got inf"),
+        (lambda c: c["config"].update(alpha=float("nan")), "alpha must be a finite positive number, got nan"),
+        (lambda c: c["config"].update(alpha=-8), "alpha must be a finite positive number, got -8"),
+        (lambda c: c["config"].update(rank=0), "rank must be a positive integer, got 0"),
+        (lambda c: c["config"].update(scaling="alpha"), "scaling must be one of .*got 'alpha'"),
         (lambda c: c["config"].update(adapted_modules=[]), "lists no adapted modules"),
         (lambda c: c.pop("config"), "has no valid config"),
         (lambda c: c["tensors"].update({k: v.long() for k, v in c["tensors"].items()}), "non-float"),
@@ -465,9 +465,9 @@ def test_unsupported_peft_features_are_refused_by_name(core, fresh, adapter, cha
 
 
 @pytest.mark.parametrize(("changes", "message"), [
-    ({"lora_alpha": float("inf")}, "has alpha inf"),
-    ({"lora_alpha": float("nan")}, "has alpha nan"),
-    ({"r": 0}, "has rank 0"),
+    ({"lora_alpha": float("inf")}, "alpha must be a finite positive number, got inf"),
+    ({"lora_alpha": float("nan")}, "alpha must be a finite positive number, got nan"),
+    ({"r": 0}, "rank must be a positive integer, got 0"),
     ({"r": 8}, r"shape \(4, 64\) but this model at rank 8"),
 ])
 def test_a_peft_config_with_bad_numbers_is_refused_naming_the_folder(core, fresh, adapter, changes, message):
@@ -708,12 +708,13 @@ def test_evaluate_loss_refuses_what_would_average_nothing(core, fresh, batch_siz
 
 
 @pytest.mark.parametrize(("prompt", "new_tokens", "temperature", "top_k", "message"), [
-    ("", 4, 0.8, 50, "non-empty prompt"), ("   ", 4, 0.8, 50, "non-empty prompt"), (None, 4, 0.8, 50, "non-empty prompt"),
-    ("To be", 0, 0.8, 50, "max_new_tokens must be a positive integer"),
-    ("To be", 4.0, 0.8, 50, "max_new_tokens must be a positive integer"),
-    ("To be", 4, 0, 50, "temperature must be a finite number > 0"),
-    ("To be", 4, float("nan"), 50, "temperature must be a finite number > 0"),
-    ("To be", 4, 0.8, 0, "top_k must be a positive integer"),
+    ("", 4, 0.8, 50, "PROMPT = '' is not valid: set PROMPT to a non-empty prompt"), ("   ", 4, 0.8, 50, "non-empty prompt"),
+    (None, 4, 0.8, 50, "PROMPT = None is not valid: set PROMPT to a non-empty prompt"),
+    ("To be", 0, 0.8, 50, "MAX_NEW_TOKENS = 0 is not valid: set MAX_NEW_TOKENS to a positive integer"),
+    ("To be", 4.0, 0.8, 50, "MAX_NEW_TOKENS = 4.0 is not valid: set MAX_NEW_TOKENS to a positive integer"),
+    ("To be", 4, 0, 50, "TEMPERATURE = 0 is not valid: set TEMPERATURE to a finite number > 0"),
+    ("To be", 4, float("nan"), 50, "TEMPERATURE = nan is not valid: set TEMPERATURE to a finite number > 0"),
+    ("To be", 4, 0.8, 0, "TOP_K = 0 is not valid: set TOP_K to a positive integer"),
 ])
 def test_generate_text_refuses_bad_arguments_before_generating(core, fresh, tiny_model_dir, prompt, new_tokens,
                                                                temperature, top_k, message):
