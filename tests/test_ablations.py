@@ -28,7 +28,7 @@ def run_ablations(folder: Path, model_dir: Path, text_path: Path, **overrides) -
         "DATA_SHA256": None, "BLOCK_SIZE": TINY_BLOCK_SIZE, "BATCH_SIZE": 4, "STEPS_PER_RUN": 4, "LR": 1e-2,
         "FULL_FINETUNE_LR": 1e-3, "EVAL_BATCHES": 3, "SEEDS": [1, 2], "RANKS": RANKS,
         "SUBSPACE_RANKS": SUBSPACE_RANKS, "AMPLIFICATION_RANKS": [4, 32], "SAMPLE_TOKENS": 8, "OUTPUT_DIR": "out",
-        "RUN_BASELINES": False, **overrides,
+        "RUN_BASELINES": False, "RUN_BEYOND_PAPER": False, **overrides,  # beyond the paper: test_beyond_paper.py
     }
     executed = folder / f"executed-{len(list(folder.glob('executed-*')))}.ipynb"
     papermill.execute_notebook(str(ABLATIONS_NOTEBOOK), str(executed), cwd=str(folder), parameters=parameters,
@@ -333,6 +333,7 @@ def live_kernel(tmp_path_factory, tiny_model_dir, play_text_path):
         "DATA_SHA256": None, "BLOCK_SIZE": TINY_BLOCK_SIZE, "BATCH_SIZE": 4, "STEPS_PER_RUN": 3, "LR": 1e-2,
         "EVAL_BATCHES": 2, "SEEDS": [1, 2], "RANKS": [1, 4], "SUBSPACE_RANKS": [4, 8], "AMPLIFICATION_RANKS": [4, 8],
         "SAMPLE_TOKENS": 4, "OUTPUT_DIR": "out", "RUN_BASELINES": False, "RUN_FULL_FINETUNE": False,
+        "RUN_BEYOND_PAPER": False,
     }
     nb = parameterize_notebook(load_notebook_node(str(ABLATIONS_NOTEBOOK)), parameters)
     client = NotebookClient(nb, kernel_name="python3", resources={"metadata": {"path": str(folder)}}, timeout=600)
