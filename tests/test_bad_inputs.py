@@ -943,8 +943,9 @@ def test_a_failed_export_leaves_the_old_adapter_whole(core, fresh, tmp_path, mon
 
 
 @pytest.mark.parametrize(("knob", "value", "hint"), [
-    ("LR", "1e-4", r"YAML reads 1e-4 as text: write -p LR 1e-4, or in -y a number with a dot and a signed exponent"),
-    ("RANK", "8", "YAML reads 8 as text: write -p RANK 8"), ("MAX_STEPS", "None", '-y "MAX_STEPS: null"'),
+    ("LR", "1e-4", 'YAML reads 1e-4 as text: write -p LR 1e-4, or -y "LR: 1.0e-4"'),
+    ("ALPHA", "2.5e3", 'write -p ALPHA 2.5e3, or -y "ALPHA: 2.5e[+]3"'), ("RANK", "8", 'write -p RANK 8, or -y "RANK: 8"'),
+    ("MAX_STEPS", "None", '-y "MAX_STEPS: null"'),
 ])
 def test_a_text_value_gets_the_typed_form_that_would_pass(core, knob, value, hint):
     with pytest.raises(ValueError, match=rf"^{knob} = {re.escape(repr(value))} is not valid: .*{hint}"):
