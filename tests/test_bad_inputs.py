@@ -542,7 +542,7 @@ def _run_with(tmp_path, model_dir, text_path, text_sha256, **knobs):
     return error.value, failed, ran_after
 
 
-@pytest.mark.parametrize(("knob", "value"), [("EVAL_BATCHES", 0), ("RANKK", 8)])
+@pytest.mark.parametrize(("knob", "value"), [("EVAL_BATCHES", 0), ("RANKK", 8), ("rank", 8)])
 def test_a_bad_knob_stops_the_notebook_in_the_validation_cell(tmp_path, tiny_model_dir, play_text_path,
                                                               play_text_sha256, knob, value):
     error, failed, ran_after = _run_with(tmp_path, tiny_model_dir, play_text_path, play_text_sha256, **{knob: value})
