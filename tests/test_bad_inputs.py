@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import re
+from pathlib import Path
 
 import nbformat
 import numpy as np
@@ -987,3 +988,11 @@ def test_an_adapter_config_that_is_not_an_object_is_named(core, fresh, tmp_path,
     (folder / "adapter_config.json").write_text(config)
     with pytest.raises(ValueError, match=r"adapter_config.json holds a JSON \w+, not PEFT's config: save it again"):
         core.import_peft_adapter(fresh(), folder)
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="no /proc here")
+@pytest.mark.parametrize("helper", ["save_lora", "export_peft_adapter"])
+def test_a_folder_that_cannot_be_created_is_named(core, fresh, helper):
+    target = "/proc/no-such-folder/lora.pt" if helper == "save_lora" else "/proc/no-such-adapter"
+    with pytest.raises(ValueError, match=f"{helper} cannot create the folder /proc/no-such.*choose a folder you can write"):
+        getattr(core, helper)(trained(core, fresh()), target)
