@@ -996,3 +996,29 @@ def test_a_folder_that_cannot_be_created_is_named(core, fresh, helper):
     target = "/proc/no-such-folder/lora.pt" if helper == "save_lora" else "/proc/no-such-adapter"
     with pytest.raises(ValueError, match=f"{helper} cannot create the folder /proc/no-such.*choose a folder you can write"):
         getattr(core, helper)(trained(core, fresh()), target)
+
+
+@pytest.mark.parametrize(("blocks", "shown"), [
+    (torch.randint(0, 300, (6, 1)), r"\(6, 1\)"), (torch.randint(0, 300, (16,)), r"\(16,\)"),
+    (torch.rand(2, 16), r"\(2, 16\)"), ([[1, 2, 3]], "list"), (None, "NoneType"),
+])
+def test_evaluate_loss_refuses_blocks_that_are_not_rows_of_token_ids(core, fresh, blocks, shown):
+    with pytest.raises(ValueError, match=f"blocks must be a 2-D tensor of token ids.*got {shown}"):
+        core.evaluate_loss(fresh(), blocks, 2, torch.device("cpu"))  # width 1 would average nothing: nan
+
+
+@pytest.mark.parametrize(("ids", "shown"), [
+    ("KING: the moon", "str"), ([[1, 2, 3, 4, 5]], r"list of shape \(1, 5\)"), ([1.5, 2.5, 3.5, 4.5], "list of shape"),
+    ((i for i in range(8)), "generator"), ({"input_ids": [1, 2, 3, 4]}, "dict"),
+])
+def test_make_blocks_refuses_what_is_not_one_flat_list_of_token_ids(core, ids, shown):
+    with pytest.raises(ValueError, match=rf"make_blocks needs one flat list of integer token ids.*got {shown}"):
+        core.make_blocks(ids, 2)
+
+
+def test_make_blocks_accepts_tensors_and_numpy_arrays_of_ids(core):
+    expected = core.make_blocks(list(range(10)), 4)
+    assert torch.equal(core.make_blocks(torch.arange(10), 4), expected)
+    assert torch.equal(core.make_blocks(np.arange(10), 4), expected)
+    with pytest.raises(ValueError, match="Only 0 tokens"):
+        core.make_blocks([], 4)
