@@ -552,6 +552,14 @@ def test_a_bad_knob_stops_the_notebook_in_the_validation_cell(tmp_path, tiny_mod
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="no /proc here")
+def test_an_output_dir_that_cannot_be_created_stops_in_the_validation_cell(tmp_path, tiny_model_dir, play_text_path,
+                                                                           play_text_sha256):
+    error, failed, ran_after = _run_with(tmp_path, tiny_model_dir, play_text_path, play_text_sha256, OUTPUT_DIR="/proc/run")
+    assert error.ename == "ValueError" and "OUTPUT_DIR cannot create the folder /proc/run/figures" in error.evalue
+    assert "check_knobs(" in failed.source and ran_after == []
+
+
 def test_a_block_size_beyond_the_model_stops_right_after_loading_it(tmp_path, tiny_model_dir, play_text_path,
                                                                     play_text_sha256):
     error, failed, ran_after = _run_with(tmp_path, tiny_model_dir, play_text_path, play_text_sha256, BLOCK_SIZE=129)
