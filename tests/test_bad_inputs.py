@@ -1030,3 +1030,12 @@ def test_make_blocks_accepts_tensors_and_numpy_arrays_of_ids(core):
     assert torch.equal(core.make_blocks(np.arange(10), 4), expected)
     with pytest.raises(ValueError, match="Only 0 tokens"):
         core.make_blocks([], 4)
+
+
+def test_generate_text_refuses_a_diverged_model_by_name(core, fresh, tiny_model_dir):
+    model = trained(core, fresh())
+    with torch.no_grad():
+        core.lora_layers(model)["transformer.h.1.attn.c_proj"].B.fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"transformer.h.1.attn.c_proj.parametrizations.weight.0.B holds NaN or inf.*"
+                                         "lower LR or ALPHA"):
+        core.generate_text(model, core.load_tokenizer(str(tiny_model_dir)), "To be", 4, 1)
