@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import re
+from pathlib import Path
 
 import nbformat
 import numpy as np
@@ -542,13 +543,21 @@ def _run_with(tmp_path, model_dir, text_path, text_sha256, **knobs):
     return error.value, failed, ran_after
 
 
-@pytest.mark.parametrize(("knob", "value"), [("EVAL_BATCHES", 0), ("RANKK", 8)])
+@pytest.mark.parametrize(("knob", "value"), [("EVAL_BATCHES", 0), ("RANKK", 8), ("rank", 8)])
 def test_a_bad_knob_stops_the_notebook_in_the_validation_cell(tmp_path, tiny_model_dir, play_text_path,
                                                               play_text_sha256, knob, value):
     error, failed, ran_after = _run_with(tmp_path, tiny_model_dir, play_text_path, play_text_sha256, **{knob: value})
     assert error.ename == "ValueError" and knob in error.evalue
-    assert "validate_knobs(" in failed.source and ran_after == []
+    assert "check_knobs(" in failed.source and ran_after == []
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="no /proc here")
+def test_an_output_dir_that_cannot_be_created_stops_in_the_validation_cell(tmp_path, tiny_model_dir, play_text_path,
+                                                                           play_text_sha256):
+    error, failed, ran_after = _run_with(tmp_path, tiny_model_dir, play_text_path, play_text_sha256, OUTPUT_DIR="/proc/run")
+    assert error.ename == "ValueError" and "OUTPUT_DIR cannot create the folder /proc/run/figures" in error.evalue
+    assert "check_knobs(" in failed.source and ran_after == []
 
 
 def test_a_block_size_beyond_the_model_stops_right_after_loading_it(tmp_path, tiny_model_dir, play_text_path,
@@ -721,3 +730,312 @@ def test_generate_text_refuses_bad_arguments_before_generating(core, fresh, tiny
     tokenizer = core.load_tokenizer(str(tiny_model_dir))
     with pytest.raises(ValueError, match=message):
         core.generate_text(fresh(), tokenizer, prompt, new_tokens, 0, temperature, top_k)
+
+
+# --- merge bookkeeping: which update is merged where, one entry per merge -----------------------------------------
+
+
+def test_subtracting_another_adapters_layers_is_refused_and_changes_nothing(core, fresh, batch):
+    model, other = trained(core, fresh()), fresh()
+    core.inject_lora(other, TARGETS, 4, 8)
+    with torch.no_grad():
+        for layer in core.lora_layers(other).values():
+            layer.B.normal_(generator=torch.Generator().manual_seed(2))
+    core.merge_lora(model)
+    before, record = weights(model), core.merged_lora_modules(model)
+    with pytest.raises(ValueError, match="has another update merged into it than these layers'.*Subtract the layers "
+                                         "that were merged.*load_lora the other into a fresh base model.*Nothing was changed"):
+        core.add_lora_update(model, core.lora_layers(other), sign=-1)
+    assert unchanged(model, before) and core.merged_lora_modules(model) == record
+
+
+def test_merging_inside_lora_disabled_is_refused(core, fresh, batch):
+    model = trained(core, fresh())
+    before, expected = weights(model), logits(model, batch)
+    with pytest.raises(ValueError, match=r"scale 0.0, not its rule's \(inside `with lora_disabled.*merge_lora.*after the block"):
+        with core.lora_disabled(model):
+            core.merge_lora(model)
+    assert unchanged(model, before) and core.merged_lora_modules(model) == []
+    assert torch.equal(logits(model, batch), expected)  # the adapter is on again, still unmerged
+
+
+def test_add_lora_update_refuses_switched_off_layers(core, fresh):
+    source, model = trained(core, fresh()), fresh()
+    before = weights(model)
+    with core.lora_disabled(source), pytest.raises(ValueError, match="scale 0.0.*add_lora_update would use a switched-off"):
+        core.add_lora_update(model, core.lora_layers(source), sign=1)
+    assert unchanged(model, before)
+
+
+def test_two_merges_are_two_entries_and_subtracting_the_first_keeps_the_second(core, fresh, tmp_path, batch):
+    model = trained(core, fresh())
+    first = core.lora_layers(model)
+    core.merge_lora(model)
+    core.inject_lora(model, ["attn.c_attn"], 4, 8)  # a second adapter on top of the merged one
+    with torch.no_grad():
+        for layer in core.lora_layers(model).values():
+            layer.B.normal_(generator=torch.Generator().manual_seed(3))
+    with pytest.raises(ValueError, match="LoRA layers on top of an update merged.*save_lora would write the layers alone"
+                                         ".*save_lora, then merge_lora"):
+        core.save_lora(model, tmp_path / "second.pt")
+    with pytest.raises(ValueError, match="on top of an update merged.*export_peft_adapter would write"):
+        core.export_peft_adapter(model, tmp_path / "adapter")
+    assert not (tmp_path / "second.pt").exists() and not (tmp_path / "adapter").exists()
+    second = core.lora_layers(model)
+    core.merge_lora(model)
+    assert sorted(core.merged_lora_modules(model)) == sorted(list(first) + list(second))  # one entry per merge
+    core.add_lora_update(model, first, sign=-1)
+    assert core.merged_lora_modules(model) == list(second)  # the second update is still in the weights
+    with pytest.raises(ValueError, match="already has a LoRA update merged"):
+        core.load_lora(model, core.save_lora(trained(core, fresh()), tmp_path / "other.pt"))
+    core.add_lora_update(model, second, sign=-1)
+    assert core.merged_lora_modules(model) == [] and (logits(model, batch) - logits(fresh(), batch)).abs().max() <= 1e-5
+
+
+def test_the_merge_record_with_fingerprints_survives_save_pretrained(core, fresh, tmp_path, batch):
+    model = trained(core, fresh())
+    layers = core.lora_layers(model)
+    core.merge_lora(model)
+    model.save_pretrained(tmp_path / "merged")
+    reloaded = core.load_base_model(str(tmp_path / "merged"), "cpu")
+    assert core.merged_lora_modules(reloaded) == list(layers)
+    core.add_lora_update(reloaded, layers, sign=-1)  # the fingerprints match the layers that were merged
+    assert (logits(reloaded, batch) - logits(fresh(), batch)).abs().max().item() <= 1e-5
+
+
+def test_the_injection_message_no_longer_invites_merge_then_inject(core, fresh):
+    model = trained(core, fresh())
+    with pytest.raises(RuntimeError, match=r"already has LoRA layers: load a fresh base model first\.$"):
+        core.inject_lora(model, TARGETS, 4, 8)
+
+
+def test_add_lora_update_refuses_a_diverged_adapter_and_writes_no_nan(core, fresh):
+    model, diverged = fresh(), trained(core, fresh())
+    with torch.no_grad():
+        next(iter(core.lora_layers(diverged).values())).B[0, 0] = float("nan")
+    before = weights(model)
+    with pytest.raises(ValueError, match="holds NaN or inf values.*write them into the weights. Nothing was changed"):
+        core.add_lora_update(model, core.lora_layers(diverged), sign=1)
+    assert unchanged(model, before)
+
+
+@pytest.mark.parametrize("sign", [True, "-1", -1 + 0j, 0.5])
+def test_add_lora_update_refuses_a_sign_that_is_not_plus_or_minus_one(core, fresh, sign):
+    model = trained(core, fresh())
+    layers = core.lora_layers(model)
+    core.merge_lora(model)
+    before = weights(model)
+    with pytest.raises(ValueError, match="sign must be 1"):
+        core.add_lora_update(model, layers, sign=sign)
+    assert unchanged(model, before)
+
+
+def test_lora_disabled_without_with_warns_and_is_checked_at_the_call(core, fresh, batch):
+    model = trained(core, fresh())
+    expected = logits(model, batch)
+    with pytest.warns(UserWarning, match="called without `with`, so it switched nothing off"):
+        core.lora_disabled(model)
+        import gc
+
+        gc.collect()
+    assert torch.equal(logits(model, batch), expected)
+    merged = trained(core, fresh())
+    core.merge_lora(merged)
+    with pytest.raises(ValueError, match="which lora_disabled cannot switch off"):
+        core.lora_disabled(merged)  # refused at the call, not only on entering a `with`
+    with core.lora_disabled(model):
+        with core.lora_disabled(model):
+            pass
+        assert torch.equal(logits(model, batch), logits(fresh(), batch))  # still off after the inner block
+    assert torch.equal(logits(model, batch), expected)
+
+
+# --- knobs: lower-case spellings, numpy numbers; the training section's data; a diverging run -------------------------
+
+
+@pytest.mark.parametrize(("name", "knob"), [("rank", "RANK"), ("Lr", "LR"), ("max_steps", "MAX_STEPS")])
+def test_a_lower_case_spelling_of_a_knob_is_refused_naming_the_knob(core, name, knob):
+    namespace = default_knobs() | {name: 8, "device": "cpu", "precision": "fp32", "output_dir": "."}
+    with pytest.raises(ValueError, match=rf"^{name} is not a knob: knob names are upper case, so {knob} is still "
+                                         rf".*Set {knob} \(papermill -p {knob}"):
+        core.validate_knobs(core.knobs_in(namespace), core.knob_rules())
+
+
+def test_the_notebooks_own_lower_case_names_are_not_knobs(core):
+    namespace = default_knobs() | {"device": "cpu", "precision": "fp32", "output_dir": "."}
+    core.validate_knobs(core.knobs_in(namespace), core.knob_rules())
+
+
+def test_numpy_knobs_become_python_numbers_that_torch_and_generate_take(core, fresh, tiny_model_dir):
+    namespace = default_knobs() | {"SEED": np.int64(3), "TOP_K": np.int64(5), "MAX_NEW_TOKENS": np.int64(4),
+                                   "LATENCY_TOKENS": np.int32(8), "TEMPERATURE": np.float32(0.8)}
+    core.check_knobs(namespace)
+    assert {type(namespace[k]) for k in ("SEED", "TOP_K", "MAX_NEW_TOKENS", "LATENCY_TOKENS")} == {int}
+    assert type(namespace["TEMPERATURE"]) is float
+    torch.Generator().manual_seed(namespace["SEED"])  # an np.int64 raises TypeError here
+    tokenizer = core.load_tokenizer(str(tiny_model_dir))
+    text = core.generate_text(fresh(), tokenizer, "To be", np.int64(4), np.int64(3), np.float32(0.8), np.int64(5))
+    assert text == core.generate_text(fresh(), tokenizer, "To be", 4, 3, 0.8, 5)
+
+
+@pytest.mark.parametrize(("new_tokens", "seed", "message"), [
+    (500, 1, "A prompt of 3 tokens and max_new_tokens = 500 exceed this model's 128 positions: ask for at most 125"),
+    (4, 1.5, r"SEED = 1.5 is not valid: set SEED to an integer in \[0, 2\*\*63\)"), (4, None, "SEED = None is not valid"),
+    (4, -1, "SEED = -1 is not valid"), (4, "1337", "SEED = '1337' is not valid"), (4, 2**64, "SEED = .* is not valid"),
+])
+def test_generate_text_checks_the_length_and_the_seed(core, fresh, tiny_model_dir, new_tokens, seed, message):
+    tokenizer = core.load_tokenizer(str(tiny_model_dir))
+    assert len(tokenizer("To be")["input_ids"]) == 3
+    with pytest.raises(ValueError, match=message):
+        core.generate_text(fresh(), tokenizer, "To be", new_tokens, seed)
+
+
+def test_the_training_section_refuses_a_rerun_after_a_knob_an_earlier_cell_read_changed(core):
+    namespace = default_knobs()
+    used = core.knobs_used_before_training(namespace)
+    core.check_knobs_unchanged(used, namespace | {"LR": 1e-3, "RANK": 8, "SEED": 7})  # re-read: rerun freely
+    with pytest.raises(RuntimeError, match=r"^BLOCK_SIZE changed since an earlier cell read it.*Rerun from section 5's"):
+        core.check_knobs_unchanged(used, namespace | {"BLOCK_SIZE": 64})
+    with pytest.raises(RuntimeError, match="MODEL_NAME, VAL_FRACTION changed.*read them.*section 4's first cell"):
+        core.check_knobs_unchanged(used, namespace | {"MODEL_NAME": "gpt2-medium", "VAL_FRACTION": 0.2})
+    with pytest.raises(RuntimeError, match="PRECISION changed.*section 3's device cell"):
+        core.check_knobs_unchanged(used, namespace | {"PRECISION": "fp32"})
+
+
+def test_training_stops_at_the_first_non_finite_loss_naming_lr_and_alpha(core):
+    losses = [torch.tensor(2.0), torch.tensor(float("nan")), torch.tensor(float("inf"))]
+    with pytest.raises(FloatingPointError, match=r"^The loss of step 39 is nan: training diverged.*keep what was "
+                                                 "measured.*Lower LR or ALPHA"):
+        core.recent_loss(losses, 40)  # the losses of steps 38, 39 and 40
+    assert core.recent_loss([torch.tensor(1.0), torch.tensor(2.0)], 2) == "1.500"
+
+
+# --- load_base_model: a LoRA model saved unmerged; export keeps the old adapter on failure ----------------------------
+
+
+def test_load_base_model_refuses_a_lora_model_saved_unmerged(core, fresh, tmp_path):
+    trained(core, fresh()).save_pretrained(tmp_path / "adapted")
+    with pytest.raises(ValueError, match="holds a LoRA model saved unmerged.*parametrizations.*merge_lora before "
+                                         "save_pretrained.*save_lora"):
+        core.load_base_model(str(tmp_path / "adapted"), "cpu")
+
+
+def test_load_base_model_refuses_a_folder_missing_weights(core, fresh, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    fresh().save_pretrained(tmp_path / "partial")
+    file = tmp_path / "partial" / "model.safetensors"
+    tensors = {k: v for k, v in load_file(file).items() if "h.1.mlp" not in k}
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lacks 'transformer.h.1.mlp.*more weights.*random: write the folder again"):
+        core.load_base_model(str(tmp_path / "partial"), "cpu")
+
+
+def test_a_failed_export_leaves_the_old_adapter_whole(core, fresh, tmp_path, monkeypatch):
+    folder = core.export_peft_adapter(trained(core, fresh()), tmp_path / "adapter")
+    old = {p.name: p.read_bytes() for p in folder.iterdir()}
+    model = trained(core, fresh())
+    with torch.no_grad():
+        next(iter(core.lora_layers(model).values())).B.add_(1.0)
+
+    def failing_write(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(tmp_path), "write_text", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        core.export_peft_adapter(model, folder)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == old  # both old files, no temporary one
+
+
+# --- papermill's text forms, paths under a plain file, odd paths and configs -------------------------------------
+
+
+@pytest.mark.parametrize(("knob", "value", "hint"), [
+    ("LR", "1e-4", 'YAML reads 1e-4 as text: write -p LR 1e-4, or -y "LR: 1.0e-4"'),
+    ("ALPHA", "2.5e3", 'write -p ALPHA 2.5e3, or -y "ALPHA: 2.5e[+]3"'), ("RANK", "8", 'write -p RANK 8, or -y "RANK: 8"'),
+    ("MAX_STEPS", "None", '-y "MAX_STEPS: null"'),
+])
+def test_a_text_value_gets_the_typed_form_that_would_pass(core, knob, value, hint):
+    with pytest.raises(ValueError, match=rf"^{knob} = {re.escape(repr(value))} is not valid: .*{hint}"):
+        core.validate_knobs({knob: value}, core.knob_rules())
+
+
+@pytest.mark.parametrize(("knob", "value"), [("LR", "false"), ("DATA_SHA256", "false"), ("LR", "abc"), ("RANK", "4.5")])
+def test_no_typed_form_is_suggested_that_the_rule_would_refuse_too(core, knob, value):
+    with pytest.raises(ValueError, match=rf"^{knob} = {re.escape(repr(value))} is not valid") as error:
+        core.validate_knobs({knob: value}, core.knob_rules())
+    assert "-y" not in str(error.value) and "YAML" not in str(error.value)
+    with pytest.raises(ValueError, match=r"LR = False is not valid"):
+        core.validate_knobs({"LR": False}, core.knob_rules())  # what the old hint for LR='false' suggested
+
+
+@pytest.mark.parametrize("knob", ["OUTPUT_DIR", "DATA_PATH"])
+def test_a_path_under_a_plain_file_is_refused_by_the_knob_check(core, tmp_path, knob):
+    (tmp_path / "notes.txt").write_text("a plain file")
+    with pytest.raises(ValueError, match=rf"^{knob} = .*notes.txt/x.* is not valid: .*nor under"):
+        core.validate_knobs({knob: str(tmp_path / "notes.txt" / "x" / "y")}, core.knob_rules())
+
+
+def test_save_lora_refuses_a_safetensors_name_pointing_to_export(core, fresh, tmp_path):
+    with pytest.raises(ValueError, match="ends in .safetensors.*give save_lora a name such as 'lora.pt'.*export_peft_adapter"):
+        core.save_lora(trained(core, fresh()), tmp_path / "mine.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("helper", ["save_lora", "export_peft_adapter", "load_lora", "import_peft_adapter"])
+def test_a_none_path_is_a_clear_error(core, fresh, helper):
+    model = trained(core, fresh()) if helper in ("save_lora", "export_peft_adapter") else fresh()
+    with pytest.raises(ValueError, match=r"need(s)? (a|the) .*, got None\."):
+        getattr(core, helper)(model, None)
+
+
+@pytest.mark.parametrize("config", ["[1, 2]", '"LORA"', "null"])
+def test_an_adapter_config_that_is_not_an_object_is_named(core, fresh, tmp_path, config):
+    folder = core.export_peft_adapter(trained(core, fresh()), tmp_path / "adapter")
+    (folder / "adapter_config.json").write_text(config)
+    with pytest.raises(ValueError, match=r"adapter_config.json holds a JSON \w+, not PEFT's config: save it again"):
+        core.import_peft_adapter(fresh(), folder)
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="no /proc here")
+@pytest.mark.parametrize("helper", ["save_lora", "export_peft_adapter"])
+def test_a_folder_that_cannot_be_created_is_named(core, fresh, helper):
+    target = "/proc/no-such-folder/lora.pt" if helper == "save_lora" else "/proc/no-such-adapter"
+    with pytest.raises(ValueError, match=f"{helper} cannot create the folder /proc/no-such.*choose a folder you can write"):
+        getattr(core, helper)(trained(core, fresh()), target)
+
+
+@pytest.mark.parametrize(("blocks", "shown"), [
+    (torch.randint(0, 300, (6, 1)), r"\(6, 1\)"), (torch.randint(0, 300, (16,)), r"\(16,\)"),
+    (torch.rand(2, 16), r"\(2, 16\)"), ([[1, 2, 3]], "list"), (None, "NoneType"),
+])
+def test_evaluate_loss_refuses_blocks_that_are_not_rows_of_token_ids(core, fresh, blocks, shown):
+    with pytest.raises(ValueError, match=f"blocks must be a 2-D tensor of token ids.*got {shown}"):
+        core.evaluate_loss(fresh(), blocks, 2, torch.device("cpu"))  # width 1 would average nothing: nan
+
+
+@pytest.mark.parametrize(("ids", "shown"), [
+    ("KING: the moon", "str"), ([[1, 2, 3, 4, 5]], r"list of shape \(1, 5\)"), ([1.5, 2.5, 3.5, 4.5], "list of shape"),
+    ((i for i in range(8)), "generator"), ({"input_ids": [1, 2, 3, 4]}, "dict"),
+])
+def test_make_blocks_refuses_what_is_not_one_flat_list_of_token_ids(core, ids, shown):
+    with pytest.raises(ValueError, match=rf"make_blocks needs one flat list of integer token ids.*got {shown}"):
+        core.make_blocks(ids, 2)
+
+
+def test_make_blocks_accepts_tensors_and_numpy_arrays_of_ids(core):
+    expected = core.make_blocks(list(range(10)), 4)
+    assert torch.equal(core.make_blocks(torch.arange(10), 4), expected)
+    assert torch.equal(core.make_blocks(np.arange(10), 4), expected)
+    with pytest.raises(ValueError, match="Only 0 tokens"):
+        core.make_blocks([], 4)
+
+
+def test_generate_text_refuses_a_diverged_model_by_name(core, fresh, tiny_model_dir):
+    model = trained(core, fresh())
+    with torch.no_grad():
+        core.lora_layers(model)["transformer.h.1.attn.c_proj"].B.fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"transformer.h.1.attn.c_proj.parametrizations.weight.0.B holds NaN or inf.*"
+                                         "lower LR or ALPHA"):
+        core.generate_text(model, core.load_tokenizer(str(tiny_model_dir)), "To be", 4, 1)

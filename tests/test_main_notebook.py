@@ -169,6 +169,8 @@ def test_task_switching_checks(run, results, core):
     swapped_in = float(re.search(r"swapped in: +max \|logits - logits\(second adapter\)\| = (\S+)", text).group(1))
     swapped_back = float(re.search(r"swapped back: max \|logits - logits\(trained LoRA\)\| += (\S+)", text).group(1))
     assert swapped_in <= 1e-5 and swapped_back <= 1e-5
+    apart = float(re.search(r"max \|logits\(first\) - logits\(second\)\| = (\S+)", text).group(1))
+    assert apart > 1e-3  # the adapters differ, so a swap that did nothing would fail the rows above
     first = core.read_lora_file(run / "out" / "lora_weights.pt")["tensors"]
     second = core.read_lora_file(run / "out" / "lora_weights_second.pt")["tensors"]
     assert first.keys() == second.keys() and any(not torch.equal(first[k], second[k]) for k in first)
@@ -240,6 +242,7 @@ def test_changing_lr_and_rank_and_rerunning_from_the_training_section_needs_no_r
     """As a learner reruns: Run all, then set LR and RANK and rerun from the training section's first cell on."""
     import nbformat
     from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
 
     nb = nbformat.read(MAIN_NOTEBOOK, as_version=4)
     knobs = tiny_parameters(tiny_model_dir, play_text_path, play_text_sha256) | {"MAX_STEPS": 10}
@@ -255,7 +258,11 @@ def test_changing_lr_and_rank_and_rerunning_from_the_training_section_needs_no_r
         client.execute_cell(nb.cells[-1], len(nb.cells) - 1)
         for index in range(training, len(nb.cells) - 1):
             client.execute_cell(nb.cells[index], index)
-    again = json.loads((tmp_path / "out" / "results.json").read_text())
+        again = json.loads((tmp_path / "out" / "results.json").read_text())
+        nb.cells.append(nbformat.v4.new_code_cell("BLOCK_SIZE = 16"))  # a knob the data section read
+        client.execute_cell(nb.cells[-1], len(nb.cells) - 1)
+        with pytest.raises(CellExecutionError, match="BLOCK_SIZE changed since an earlier cell read it.*section 5"):
+            client.execute_cell(nb.cells[training], training)
     assert (first["lora_params"], again["lora_params"]) == (4 * 768, 2 * 768)  # 2 blocks x ((64 + 192) + (64 + 64)) x r
     assert core.read_lora_file(tmp_path / "out" / "lora_weights.pt")["config"]["rank"] == 2
     assert again["val_loss_before"] == first["val_loss_before"]  # both runs start from GPT-2 itself
