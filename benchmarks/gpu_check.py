@@ -149,7 +149,8 @@ def notebook_knobs(args, model_dir: Path, text: Path, sha256: str | None, precis
             from tools.nbcode import load_core
 
             try:
-                load_core(MAIN).validate_knobs(extra)
+                core = load_core(MAIN)
+                core.validate_knobs(extra, core.knob_rules())
             except ValueError as error:
                 raise SystemExit(f"--set-main: {error}") from None
         if args.size == "tiny":

@@ -548,7 +548,7 @@ def test_a_bad_knob_stops_the_notebook_in_the_validation_cell(tmp_path, tiny_mod
                                                               play_text_sha256, knob, value):
     error, failed, ran_after = _run_with(tmp_path, tiny_model_dir, play_text_path, play_text_sha256, **{knob: value})
     assert error.ename == "ValueError" and knob in error.evalue
-    assert "check_knobs(" in failed.source and ran_after == []
+    assert "check_all_knobs(" in failed.source and ran_after == []
     assert not (tmp_path / "out").exists()
 
 
@@ -557,7 +557,7 @@ def test_an_output_dir_that_cannot_be_created_stops_in_the_validation_cell(tmp_p
                                                                            play_text_sha256):
     error, failed, ran_after = _run_with(tmp_path, tiny_model_dir, play_text_path, play_text_sha256, OUTPUT_DIR="/proc/run")
     assert error.ename == "ValueError" and "OUTPUT_DIR cannot create the folder /proc/run/figures" in error.evalue
-    assert "check_knobs(" in failed.source and ran_after == []
+    assert "check_all_knobs(" in failed.source and ran_after == []
 
 
 def test_a_block_size_beyond_the_model_stops_right_after_loading_it(tmp_path, tiny_model_dir, play_text_path,
@@ -869,7 +869,7 @@ def test_the_notebooks_own_lower_case_names_are_not_knobs(core):
 def test_numpy_knobs_become_python_numbers_that_torch_and_generate_take(core, fresh, tiny_model_dir):
     namespace = default_knobs() | {"SEED": np.int64(3), "TOP_K": np.int64(5), "MAX_NEW_TOKENS": np.int64(4),
                                    "LATENCY_TOKENS": np.int32(8), "TEMPERATURE": np.float32(0.8)}
-    core.check_knobs(namespace)
+    core.check_all_knobs(namespace)
     assert {type(namespace[k]) for k in ("SEED", "TOP_K", "MAX_NEW_TOKENS", "LATENCY_TOKENS")} == {int}
     assert type(namespace["TEMPERATURE"]) is float
     torch.Generator().manual_seed(namespace["SEED"])  # an np.int64 raises TypeError here
