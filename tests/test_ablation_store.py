@@ -102,7 +102,7 @@ def test_a_saved_run_loads_with_its_tensors(nb, tmp_path):
     path, saved = _save(nb, tmp_path, _config())
     loaded = nb.load_run(path, _config())
     assert loaded == saved and loaded["tensors_file"] == path.with_suffix(".pt").name
-    assert torch.equal(nb.load_run_tensors(tmp_path, loaded)["trained"]["x.A"], torch.full((2, 2), 0.5))
+    assert torch.equal(nb.load_trained(loaded, tmp_path)["trained"]["x.A"], torch.full((2, 2), 0.5))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, path.with_suffix(".pt").name])  # no temp
 
 
