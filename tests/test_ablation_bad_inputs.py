@@ -104,7 +104,9 @@ def test_an_upper_case_name_that_is_no_knob_is_refused_with_the_knobs(nb, name, 
 @pytest.mark.parametrize(("name", "value", "message"), [
     ("LR", 0, "a positive number"), ("LR", float("nan"), "a positive number"), ("LR", "2e-4", "a positive number"),
     ("ALPHA", -8, "a positive number"), ("WEIGHT_DECAY", -0.1, "at least 0"), ("DROPOUT", 1.0, r"\[0, 1\)"),
-    ("VAL_FRACTION", 1, "between 0 and 1"), ("PRECISION", "fp8", "'auto', 'fp32'"), ("MODEL_NAME", " ", "a non-empty string"),
+    ("VAL_FRACTION", 1, "between 0 and 1"), ("DATA_SHA256", "abc123", "64 hex digits"),
+    ("DATA_SHA256", "g" * 64, "64 hex digits"), ("PRECISION", "fp8", "'auto', 'fp32'"),
+    ("MODEL_NAME", " ", "a non-empty string"),
     ("BASELINES", ["lora"], "distinct"), ("LATENCY_SHAPES", [[1, 2048]], "tokens <= 1024"),
     ("RANKS", "[1, 32]", "pass lists with -y"), ("SCALINGS", [], "distinct"), ("RANK_TARGETS", ["mlp.c_fc"], "module name"),
 ])
