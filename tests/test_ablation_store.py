@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -250,3 +251,13 @@ def test_mirrored_init_starts_at_gpt2_with_a_zero(nb, tiny_model_dir):
     model.train()
     model(batch, labels=batch).loss.backward()
     assert all(m.A.grad.abs().max() > 0 and torch.count_nonzero(m.B.grad) == 0 for m in layers)  # A moves first
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="the peak-RSS reset is Linux's")
+def test_peak_memory_on_a_cpu_counts_what_is_allocated_after_a_reset(nb):
+    cpu = torch.device("cpu")
+    nb.reset_peak_memory(cpu)
+    before = nb.peak_memory_bytes(cpu)
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, every page written
+    assert nb.peak_memory_bytes(cpu) - before >= 48 * 2**20
+    del block
