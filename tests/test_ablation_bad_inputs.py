@@ -104,7 +104,10 @@ def test_an_upper_case_name_that_is_no_knob_is_refused_with_the_knobs(nb, name, 
 @pytest.mark.parametrize(("name", "value", "message"), [
     ("LR", 0, "a positive number"), ("LR", float("nan"), "a positive number"), ("LR", "2e-4", "a positive number"),
     ("ALPHA", -8, "a positive number"), ("WEIGHT_DECAY", -0.1, "at least 0"), ("DROPOUT", 1.0, r"\[0, 1\)"),
-    ("VAL_FRACTION", 1, "between 0 and 1"), ("PRECISION", "fp8", "'auto', 'fp32'"), ("MODEL_NAME", " ", "a non-empty string"),
+    ("VAL_FRACTION", 1, "between 0 and 1"), ("DATA_SHA256", "abc123", "64 hex digits"),
+    ("DATA_SHA256", "g" * 64, "64 hex digits"), ("PRECISION", "fp8", "'auto', 'fp32'"),
+    ("MODEL_NAME", " ", "a non-empty string"), ("DATA_PATH", ".", "a file's path, not a folder's"),
+    ("DEVICE", "cuda:x", "'cuda:N'"), ("DEVICE", "cpu:1", "'cuda:N'"), ("DEVICE", 0, "'cuda:N'"),
     ("BASELINES", ["lora"], "distinct"), ("LATENCY_SHAPES", [[1, 2048]], "tokens <= 1024"),
     ("RANKS", "[1, 32]", "pass lists with -y"), ("SCALINGS", [], "distinct"), ("RANK_TARGETS", ["mlp.c_fc"], "module name"),
 ])
@@ -127,7 +130,7 @@ def test_run_experiment_arguments_fail_before_a_model_is_built(nb, arguments, me
     call = {"rank": 4, "seed": 1, "scaling": "alpha/r", "full_finetune": False, "baseline": None, "init": "paper",
             "lr": None, "lr_ratio": 1.0} | arguments
     with pytest.raises(ValueError, match=rf"run_experiment: {message}"):
-        nb.check_run_args(**call)
+        nb.run_config(["attn.c_attn"], "", **call)
 
 
 def test_papermill_p_rerun_false_fails_before_anything_trains(tmp_path, tiny_model_dir, play_text_path):
@@ -184,8 +187,8 @@ def setup_namespace(nb):
 def test_a_setup_knob_changed_after_section_0_refuses_a_section_rerun(nb, setup_namespace, name, value):
     nb.check_setup()  # unchanged: fine
     setup_namespace[name] = value
-    with pytest.raises(RuntimeError, match=rf"{name} is now {value!r}, but section 0's \w+ cell ran with .*: the data, "
-                                           r"device and reference loss are still the old ones. Rerun from section 0"):
+    with pytest.raises(RuntimeError, match=rf"{name} is now {value!r}, but section 0's \w+ cell ran with .*: its "
+                                           rf"results are stale. Rerun from section 0, or set {name} back"):
         nb.check_setup()
 
 
@@ -232,4 +235,4 @@ def test_a_finding_keeps_the_papers_words_apart_from_our_reading(nb):
 
 def test_a_lora_run_with_nothing_to_adapt_fails_before_a_model_is_built(nb):
     with pytest.raises(ValueError, match=r"run_experiment: a LoRA run needs something to adapt: whole modules"):
-        nb.run_config([], "", 4, "alpha/r", False, None, "paper", None, 1.0, 1)
+        nb.run_config([], "", 4, seed=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,7 +103,7 @@ def test_a_saved_run_loads_with_its_tensors(nb, tmp_path):
     path, saved = _save(nb, tmp_path, _config())
     loaded = nb.load_run(path, _config())
     assert loaded == saved and loaded["tensors_file"] == path.with_suffix(".pt").name
-    assert torch.equal(nb.load_run_tensors(tmp_path, loaded)["trained"]["x.A"], torch.full((2, 2), 0.5))
+    assert torch.equal(nb.load_trained(loaded, tmp_path)["trained"]["x.A"], torch.full((2, 2), 0.5))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, path.with_suffix(".pt").name])  # no temp
 
 
@@ -250,3 +251,13 @@ def test_mirrored_init_starts_at_gpt2_with_a_zero(nb, tiny_model_dir):
     model.train()
     model(batch, labels=batch).loss.backward()
     assert all(m.A.grad.abs().max() > 0 and torch.count_nonzero(m.B.grad) == 0 for m in layers)  # A moves first
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="the peak-RSS reset is Linux's")
+def test_peak_memory_on_a_cpu_counts_what_is_allocated_after_a_reset(nb):
+    cpu = torch.device("cpu")
+    nb.reset_peak_memory(cpu)
+    before = nb.peak_memory_bytes(cpu)
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, every page written
+    assert nb.peak_memory_bytes(cpu) - before >= 48 * 2**20
+    del block
