@@ -695,7 +695,7 @@ def test_add_lora_update_follows_the_merge_state(core, fresh, batch):
 def test_writing_under_a_plain_file_is_refused_before_anything_is_written(core, fresh, tmp_path, helper):
     (tmp_path / "notes.txt").write_text("a plain file")
     target = tmp_path / "notes.txt" / "inside" / "lora.pt"
-    with pytest.raises(ValueError, match=f"{helper} cannot write .*notes.txt is a file, not a folder"):
+    with pytest.raises(ValueError, match=f"{helper} cannot write .*notes.txt is a file. Choose a path in a folder"):
         getattr(core, helper)(trained(core, fresh()), target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
