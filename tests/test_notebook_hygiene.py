@@ -83,13 +83,23 @@ def test_default_checksum_is_that_of_tiny_shakespeare():
     assert SHARED_COPY.stat().st_size == 1_115_394
 
 
+def is_import_cell_setup(node) -> bool:
+    """What the imports cell (the first lora-core cell) may also hold: `if <old Python>: raise ...`, and calls
+    that quiet the libraries' logging."""
+    if isinstance(node, ast.If):
+        return not node.orelse and all(isinstance(n, ast.Raise) for n in node.body)
+    return isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) and "logging" in ast.unparse(node)
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_core_cells_hold_only_imports_and_definitions(path):
     sources = tagged_sources(path)
     assert sources
     allowed = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef, ast.Assign, ast.AnnAssign)
-    for source in sources:
+    for index, source in enumerate(sources):
         for node in ast.parse(source).body:
+            if index == 0 and is_import_cell_setup(node):
+                continue
             assert isinstance(node, allowed), f"{type(node).__name__} in a lora-core cell: {source[:60]}"
             if isinstance(node, ast.Assign):
                 assert isinstance(node.value, ast.Constant), "only constants may be assigned in lora-core"
