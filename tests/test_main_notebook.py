@@ -76,8 +76,7 @@ def printed(run: Path) -> str:
 def test_the_notebook_writes_every_artifact(run):
     out = run / "out"
     for name in ["results.json", "training_losses.json", "lora_weights.pt", "adapter/adapter_config.json",
-                 "adapter/adapter_model.safetensors", "figures/training_curve.png",
-                 "figures/before_after.png", "figures/c_attn_to_scale.png"]:
+                 "adapter/adapter_model.safetensors", "figures/training_curve.png", "figures/c_attn_to_scale.png"]:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     for png in (out / "figures").glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -189,16 +188,6 @@ def test_the_run_prints_no_stray_values_warnings_or_progress_widgets(run):
         assert "loss_type" not in stderr and "Warning" not in stderr, stderr
 
 
-def png_size(path: Path) -> tuple[int, int]:
-    data = path.read_bytes()
-    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-
-
-def test_the_before_after_figure_is_as_tall_as_its_text(run):
-    width, height = png_size(run / "out" / "figures" / "before_after.png")
-    assert height < 600 and width > 2 * height
-
-
 @pytest.fixture(scope="module")
 def fp16_run(tmp_path_factory, tiny_model_dir, play_text_path, play_text_sha256):
     """The T4's path (fp16 autocast with a gradient scaler), forced on the CPU for a few steps."""
@@ -231,7 +220,7 @@ def test_an_old_python_gets_a_clear_error_before_anything_else():
     for version, fails in (((3, 9, 18), True), ((3, 10, 0), False), ((3, 12, 1), False)):
         fake_sys = types.SimpleNamespace(version_info=version, version=".".join(map(str, version)) + " (main)")
         if fails:
-            with pytest.raises(RuntimeError, match=r"Python 3\.10 or newer; this is 3\.9\.18"):
+            with pytest.raises(RuntimeError, match=r"Python 3\.10 or newer, not 3\.9\.18"):
                 exec(check, {"sys": fake_sys})
         else:
             exec(check, {"sys": fake_sys})
@@ -267,29 +256,3 @@ def test_changing_lr_and_rank_and_rerunning_from_the_training_section_needs_no_r
     assert core.read_lora_file(tmp_path / "out" / "lora_weights.pt")["config"]["rank"] == 2
     assert again["val_loss_before"] == first["val_loss_before"]  # both runs start from GPT-2 itself
     assert again["reload_max_abs_diff"] <= 1e-5 and again["adapter_off_max_abs_diff"] == 0.0
-
-
-def test_the_before_after_figure_draws_any_generated_character_without_a_glyph_warning(tmp_path):
-    """Generated text may hold any character (a KATAKANA RI, an emoji, a control byte): none may make matplotlib warn."""
-    import textwrap
-    import warnings
-
-    import matplotlib
-    import nbformat
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib import font_manager
-    from matplotlib.ft2font import FT2Font
-
-    cell = next(c.source for c in nbformat.read(MAIN_NOTEBOOK, as_version=4).cells
-                if c.cell_type == "code" and "before_after.png" in c.source)
-    namespace = {"plt": plt, "textwrap": textwrap, "font_manager": font_manager, "FT2Font": FT2Font,
-                 "text_before": "To be or not to be \u30ea\u30ea and $x$ \U0001f600\x07 done",
-                 "text_after": "To be or not \u4e2d\u6587 or \u0416\n\nthe end", "RANK": 4, "total_steps": 10,
-                 "PROMPT": "To be", "SEED": 0, "TEMPERATURE": 0.8, "TOP_K": 50, "figures_dir": tmp_path}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        exec(cell, namespace)
-    assert not [w for w in caught if "Glyph" in str(w.message)]
-    assert (tmp_path / "before_after.png").stat().st_size > 0
