@@ -220,7 +220,7 @@ def test_an_old_python_gets_a_clear_error_before_anything_else():
     for version, fails in (((3, 9, 18), True), ((3, 10, 0), False), ((3, 12, 1), False)):
         fake_sys = types.SimpleNamespace(version_info=version, version=".".join(map(str, version)) + " (main)")
         if fails:
-            with pytest.raises(RuntimeError, match=r"Python 3\.10 or newer, not 3\.9\.18"):
+            with pytest.raises(RuntimeError, match=r"Python 3\.10 or newer; this is 3\.9\.18"):
                 exec(check, {"sys": fake_sys})
         else:
             exec(check, {"sys": fake_sys})
