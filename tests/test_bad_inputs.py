@@ -144,8 +144,8 @@ def test_sequence_lengths_against_n_positions(core, fresh):
 
 @pytest.mark.parametrize("requested", ["gpu", "CPU", None, "cuda:x", "meta"])
 def test_an_unknown_device_names_the_choices(core, requested):
-    with pytest.raises(ValueError, match="DEVICE must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"):
-        core.choose_device(requested)
+    with pytest.raises(ValueError, match=rf"^DEVICE = {re.escape(repr(requested))} is not valid: set DEVICE to .*mps"):
+        core.validate_knobs({"DEVICE": requested}, core.knob_rules())  # before choose_device reads it
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
@@ -193,8 +193,8 @@ def test_an_empty_file_or_a_folder_is_named(core, tmp_path):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(ValueError, match="empty.txt is empty"):
         core.ensure_text_file(tmp_path / "empty.txt", "http://127.0.0.1:9/never", None)
-    with pytest.raises(ValueError, match="DATA_PATH .* is a folder"):
-        core.ensure_text_file(tmp_path, "http://127.0.0.1:9/never", None)
+    with pytest.raises(ValueError, match=r"^DATA_PATH = .* is not valid: set DATA_PATH to \S"):  # before ensure_text_file
+        core.validate_knobs({"DATA_PATH": str(tmp_path)}, core.knob_rules())
 
 
 @pytest.mark.parametrize("fraction", [0, 1, -0.1, float("nan"), "0.1", True])
