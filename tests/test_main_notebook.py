@@ -76,8 +76,7 @@ def printed(run: Path) -> str:
 def test_the_notebook_writes_every_artifact(run):
     out = run / "out"
     for name in ["results.json", "training_losses.json", "lora_weights.pt", "adapter/adapter_config.json",
-                 "adapter/adapter_model.safetensors", "figures/training_curve.png",
-                 "figures/before_after.png", "figures/c_attn_to_scale.png"]:
+                 "adapter/adapter_model.safetensors", "figures/training_curve.png", "figures/c_attn_to_scale.png"]:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     for png in (out / "figures").glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -166,8 +165,8 @@ def test_task_switching_checks(run, results, core):
     assert 0.0 <= results["unmerge_max_abs_diff"] <= 1e-5  # W0 back after merge and subtract, to float rounding
     assert results["swap_seconds"] > 0 and results["reload_seconds"] > 0
     text = printed(run)
-    swapped_in = float(re.search(r"swapped in: +max \|logits - logits\(second adapter\)\| = (\S+)", text).group(1))
-    swapped_back = float(re.search(r"swapped back: max \|logits - logits\(trained LoRA\)\| += (\S+)", text).group(1))
+    swapped_in = float(re.search(r"swapped in: max \|logits - second's\| = (\S+)", text).group(1))
+    swapped_back = float(re.search(r"swapped back: max \|logits - trained's\| = (\S+)", text).group(1))
     assert swapped_in <= 1e-5 and swapped_back <= 1e-5
     apart = float(re.search(r"max \|logits\(first\) - logits\(second\)\| = (\S+)", text).group(1))
     assert apart > 1e-3  # the adapters differ, so a swap that did nothing would fail the rows above
@@ -187,16 +186,6 @@ def test_the_run_prints_no_stray_values_warnings_or_progress_widgets(run):
         assert not widgets or "tqdm(" in cell.source, cell.source[:60]  # only our own progress bars
         stderr = "".join(o.get("text", "") for o in cell.outputs if o.get("name") == "stderr")
         assert "loss_type" not in stderr and "Warning" not in stderr, stderr
-
-
-def png_size(path: Path) -> tuple[int, int]:
-    data = path.read_bytes()
-    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-
-
-def test_the_before_after_figure_is_as_tall_as_its_text(run):
-    width, height = png_size(run / "out" / "figures" / "before_after.png")
-    assert height < 600 and width > 2 * height
 
 
 @pytest.fixture(scope="module")
@@ -261,35 +250,9 @@ def test_changing_lr_and_rank_and_rerunning_from_the_training_section_needs_no_r
         again = json.loads((tmp_path / "out" / "results.json").read_text())
         nb.cells.append(nbformat.v4.new_code_cell("BLOCK_SIZE = 16"))  # a knob the data section read
         client.execute_cell(nb.cells[-1], len(nb.cells) - 1)
-        with pytest.raises(CellExecutionError, match="BLOCK_SIZE changed since an earlier cell read it.*section 5"):
+        with pytest.raises(CellExecutionError, match="changed since an earlier cell read them: BLOCK_SIZE; rerun from section 5"):
             client.execute_cell(nb.cells[training], training)
     assert (first["lora_params"], again["lora_params"]) == (4 * 768, 2 * 768)  # 2 blocks x ((64 + 192) + (64 + 64)) x r
     assert core.read_lora_file(tmp_path / "out" / "lora_weights.pt")["config"]["rank"] == 2
     assert again["val_loss_before"] == first["val_loss_before"]  # both runs start from GPT-2 itself
     assert again["reload_max_abs_diff"] <= 1e-5 and again["adapter_off_max_abs_diff"] == 0.0
-
-
-def test_the_before_after_figure_draws_any_generated_character_without_a_glyph_warning(tmp_path):
-    """Generated text may hold any character (a KATAKANA RI, an emoji, a control byte): none may make matplotlib warn."""
-    import textwrap
-    import warnings
-
-    import matplotlib
-    import nbformat
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib import font_manager
-    from matplotlib.ft2font import FT2Font
-
-    cell = next(c.source for c in nbformat.read(MAIN_NOTEBOOK, as_version=4).cells
-                if c.cell_type == "code" and "before_after.png" in c.source)
-    namespace = {"plt": plt, "textwrap": textwrap, "font_manager": font_manager, "FT2Font": FT2Font,
-                 "text_before": "To be or not to be \u30ea\u30ea and $x$ \U0001f600\x07 done",
-                 "text_after": "To be or not \u4e2d\u6587 or \u0416\n\nthe end", "RANK": 4, "total_steps": 10,
-                 "PROMPT": "To be", "SEED": 0, "TEMPERATURE": 0.8, "TOP_K": 50, "figures_dir": tmp_path}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        exec(cell, namespace)
-    assert not [w for w in caught if "Glyph" in str(w.message)]
-    assert (tmp_path / "before_after.png").stat().st_size > 0
