@@ -920,3 +920,56 @@ def test_generate_text_refuses_a_diverged_model_by_name(core, fresh, tiny_model_
     with pytest.raises(ValueError, match=r"transformer.h.1.attn.c_proj.parametrizations.weight.0.B holds NaN or inf.*"
                                          "lower LR or ALPHA"):
         core.generate_text(model, core.load_tokenizer(str(tiny_model_dir)), "To be", 4, 1)
+
+
+# --- what a reader passes to a helper directly, or reruns one cell with (a careless-input pass, third edition) -------
+
+
+@pytest.mark.parametrize("args", [
+    ("", 4, 1), ("To be", 2.5, 1), ("To be", 4, 1.5), ("To be", 4, -1), ("To be", 4, 1, "0.8"), ("To be", 4, 1, 0.8, 0),
+])
+def test_generate_text_refuses_arguments_it_would_round_or_ignore(core, fresh, tiny_model_dir, args):
+    tokenizer = core.load_tokenizer(str(tiny_model_dir))
+    with pytest.raises(ValueError, match=r"^generate_text needs a non-empty prompt.*\(MAX_NEW_TOKENS, TOP_K"):
+        core.generate_text(fresh(), tokenizer, *args)
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.0])
+def test_evaluate_loss_refuses_a_batch_size_that_would_give_nan(core, fresh, batch_size):
+    blocks = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=rf"batch_size must be a positive integer \(BATCH_SIZE\), got {batch_size!r}"):
+        core.evaluate_loss(fresh(), blocks, batch_size, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("dropout", [1, 1.5, -0.1, "0.1", float("nan")])
+def test_load_base_model_refuses_a_bad_dropout_by_name_not_as_a_broken_folder(core, tiny_model_dir, dropout):
+    with pytest.raises(ValueError, match=r"^dropout must be None or a probability in \[0, 1\) \(DROPOUT\)"):
+        core.load_base_model(str(tiny_model_dir), torch.device("cpu"), dropout=dropout)
+
+
+@pytest.mark.parametrize("name", ["", "   "])
+def test_an_empty_model_name_is_named_not_taken_for_this_folder(core, name):
+    with pytest.raises(ValueError, match="^MODEL_NAME is empty"):
+        core.load_base_model(name, torch.device("cpu"))
+
+
+def test_the_cells_a_reader_reruns_after_a_setup_knob_check_the_knobs_first():
+    """The helpers there trust the rules table, so the device, model and data cells check every knob again."""
+    import nbformat
+
+    from tools.nbcode import ABLATIONS_NOTEBOOK, MAIN_NOTEBOOK
+
+    def first_code_line(source: str) -> str:
+        return next(line for line in source.splitlines() if line.strip() and not line.startswith("#@title"))
+
+    starts = {"choose_device(DEVICE)": "check_all_knobs(globals())", "check_rank_fits(model.config, RANK)":
+              "check_all_knobs(globals())", "ensure_text_file(DATA_PATH": "check_all_knobs(globals())"}
+    ablation_starts = {"ensure_text_file(DATA_PATH": "validate_knobs(knob_values(), ablation_rules())",
+                       "SAMPLE_PROMPT, SAMPLE_TOKENS": "check_knobs()"}
+    for notebook, wanted in ((MAIN_NOTEBOOK, starts), (ABLATIONS_NOTEBOOK, ablation_starts)):
+        cells = [c.source for c in nbformat.read(notebook, as_version=4).cells
+                 if c.cell_type == "code" and "lora-core" not in c.metadata.get("tags", [])]
+        for use, check in wanted.items():
+            users = [source for source in cells if use in source]
+            assert users, (notebook.name, use)
+            assert all(first_code_line(source).startswith(check) for source in users), (notebook.name, use)
