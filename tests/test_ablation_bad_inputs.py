@@ -41,8 +41,9 @@ def test_every_knob_has_a_rule_and_the_defaults_pass(nb):
 @pytest.mark.parametrize("name", ["RERUN", "RUN_BASELINES", "RUN_FULL_FINETUNE"])
 @pytest.mark.parametrize("text", ["false", "False", "true"])
 def test_a_boolean_passed_as_a_string_names_the_papermill_y_form(nb, name, text):
-    with pytest.raises(ValueError, match=rf"{name} = '{text}' is not valid: set {name} to True or False \(papermill "
-                                         rf'passes -p values as text: use -y "{name}: {text.lower()}"\)'):
+    with pytest.raises(ValueError, match=rf"{name} = '{text}' is not valid: set {name} to True or False "
+                                         rf"\('{text}' "
+                                         rf'is text: use -y "{name}: {text.lower()}"\)'):
         check(nb, **{name: text})
 
 

@@ -839,7 +839,7 @@ def test_a_failed_export_leaves_the_old_adapter_whole(core, fresh, tmp_path, mon
 
 
 @pytest.mark.parametrize(("knob", "value", "hint"), [
-    ("LR", "1e-4", 'papermill passes -p values as text: use -y "LR: 1.0e-4"'),
+    ("LR", "1e-4", "'1e-4' is text: use -y \"LR: 1.0e-4\""),
     ("ALPHA", "2.5e3", 'use -y "ALPHA: 2.5e[+]3"'), ("RANK", "8", 'use -y "RANK: 8"'),
     ("MAX_STEPS", "None", '-y "MAX_STEPS: null"'),
 ])
