@@ -780,7 +780,9 @@ def test_the_training_section_refuses_a_rerun_after_a_knob_an_earlier_cell_read_
     namespace = default_knobs()
     used = core.knobs_used_before_training(namespace)
     core.check_all_knobs(namespace | {"LR": 1e-3, "RANK": 8, "SEED": 7}, used)  # re-read: rerun freely
-    with pytest.raises(RuntimeError, match=r"^Knobs changed since an earlier cell read them: BLOCK_SIZE; rerun from section 5's"):
+    # the data knobs name load_base_model's cell: section 5 alone would take its probe from the merged model
+    with pytest.raises(RuntimeError, match=r"^Knobs changed since an earlier cell read them: BLOCK_SIZE; "
+                                           r"rerun from section 4's first cell \(load_base_model\)"):
         core.check_all_knobs(namespace | {"BLOCK_SIZE": 64}, used)
     with pytest.raises(RuntimeError, match="read them: MODEL_NAME, VAL_FRACTION; rerun from section 4's first cell"):
         core.check_all_knobs(namespace | {"MODEL_NAME": "gpt2-medium", "VAL_FRACTION": 0.2}, used)
