@@ -462,10 +462,13 @@ def test_an_output_dir_that_cannot_be_created_stops_in_the_validation_cell(tmp_p
     assert "check_all_knobs(" in failed.source and ran_after == []
 
 
-def test_a_block_size_beyond_the_model_stops_right_after_loading_it(tmp_path, tiny_model_dir, play_text_path,
-                                                                    play_text_sha256):
-    error, failed, ran_after = _run_with(tmp_path, tiny_model_dir, play_text_path, play_text_sha256, BLOCK_SIZE=129)
-    assert error.ename == "ValueError" and "BLOCK_SIZE = 129 exceeds the model's 128 positions" in error.evalue
+@pytest.mark.parametrize(("knob", "value"), [("BLOCK_SIZE", 129), ("LATENCY_TOKENS", 200)])
+def test_a_length_beyond_the_model_stops_right_after_loading_it(tmp_path, tiny_model_dir, play_text_path,
+                                                                play_text_sha256, knob, value):
+    error, failed, ran_after = _run_with(tmp_path, tiny_model_dir, play_text_path, play_text_sha256,
+                                         **{knob: value})
+    assert error.ename == "ValueError" and re.search(rf"{knob} = {value}.* exceeds the model's 128 positions",
+                                                     error.evalue)
     assert "check_sequence_lengths(" in failed.source and ran_after == []
 
 
