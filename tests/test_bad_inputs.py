@@ -462,10 +462,13 @@ def test_an_output_dir_that_cannot_be_created_stops_in_the_validation_cell(tmp_p
     assert "check_all_knobs(" in failed.source and ran_after == []
 
 
-def test_a_block_size_beyond_the_model_stops_right_after_loading_it(tmp_path, tiny_model_dir, play_text_path,
-                                                                    play_text_sha256):
-    error, failed, ran_after = _run_with(tmp_path, tiny_model_dir, play_text_path, play_text_sha256, BLOCK_SIZE=129)
-    assert error.ename == "ValueError" and "BLOCK_SIZE = 129 exceeds the model's 128 positions" in error.evalue
+@pytest.mark.parametrize(("knob", "value"), [("BLOCK_SIZE", 129), ("LATENCY_TOKENS", 200)])
+def test_a_length_beyond_the_model_stops_right_after_loading_it(tmp_path, tiny_model_dir, play_text_path,
+                                                                play_text_sha256, knob, value):
+    error, failed, ran_after = _run_with(tmp_path, tiny_model_dir, play_text_path, play_text_sha256,
+                                         **{knob: value})
+    assert error.ename == "ValueError" and re.search(rf"{knob} = {value}.* exceeds the model's 128 positions",
+                                                     error.evalue)
     assert "check_sequence_lengths(" in failed.source and ran_after == []
 
 
@@ -780,7 +783,9 @@ def test_the_training_section_refuses_a_rerun_after_a_knob_an_earlier_cell_read_
     namespace = default_knobs()
     used = core.knobs_used_before_training(namespace)
     core.check_all_knobs(namespace | {"LR": 1e-3, "RANK": 8, "SEED": 7}, used)  # re-read: rerun freely
-    with pytest.raises(RuntimeError, match=r"^Knobs changed since an earlier cell read them: BLOCK_SIZE; rerun from section 5's"):
+    # the data knobs name load_base_model's cell: section 5 alone would take its probe from the merged model
+    with pytest.raises(RuntimeError, match=r"^Knobs changed since an earlier cell read them: BLOCK_SIZE; "
+                                           r"rerun from section 4's first cell \(load_base_model\)"):
         core.check_all_knobs(namespace | {"BLOCK_SIZE": 64}, used)
     with pytest.raises(RuntimeError, match="read them: MODEL_NAME, VAL_FRACTION; rerun from section 4's first cell"):
         core.check_all_knobs(namespace | {"MODEL_NAME": "gpt2-medium", "VAL_FRACTION": 0.2}, used)

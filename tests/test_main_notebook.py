@@ -250,8 +250,14 @@ def test_changing_lr_and_rank_and_rerunning_from_the_training_section_needs_no_r
         again = json.loads((tmp_path / "out" / "results.json").read_text())
         nb.cells.append(nbformat.v4.new_code_cell("BLOCK_SIZE = 16"))  # a knob the data section read
         client.execute_cell(nb.cells[-1], len(nb.cells) - 1)
-        with pytest.raises(CellExecutionError, match="changed since an earlier cell read them: BLOCK_SIZE; rerun from section 5"):
+        with pytest.raises(CellExecutionError, match="changed since an earlier cell read them: BLOCK_SIZE; "
+                                                     "rerun from section 4's first cell"):
             client.execute_cell(nb.cells[training], training)
+        nb.cells.append(nbformat.v4.new_code_cell(f"BLOCK_SIZE, RANK = {knobs['BLOCK_SIZE']}, 8"))
+        client.execute_cell(nb.cells[-1], len(nb.cells) - 1)
+        after = next(i for i, c in enumerate(nb.cells) if "val_loss_after =" in c.source)
+        with pytest.raises(CellExecutionError, match="read them: RANK; rerun from section 8's first cell"):
+            client.execute_cell(nb.cells[after], after)  # section 9 would show the r = 2 run as r = 8
     assert (first["lora_params"], again["lora_params"]) == (4 * 768, 2 * 768)  # 2 blocks x ((64 + 192) + (64 + 64)) x r
     assert core.read_lora_file(tmp_path / "out" / "lora_weights.pt")["config"]["rank"] == 2
     assert again["val_loss_before"] == first["val_loss_before"]  # both runs start from GPT-2 itself
