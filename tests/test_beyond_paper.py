@@ -138,7 +138,7 @@ GOOD = {"RUN_BEYOND_PAPER": True, "INIT_LR_FACTORS": [1, 3, 10], "LORAPLUS_RATIO
 
 
 @pytest.mark.parametrize(("knob", "value", "message"), [
-    ("RUN_BEYOND_PAPER", "false", r'set RUN_BEYOND_PAPER to True or False \(papermill .* -y "RUN_BEYOND_PAPER: false"'),
+    ("RUN_BEYOND_PAPER", "false", r"set RUN_BEYOND_PAPER to True or False \('false' is text: use -y \"RUN_BEYOND_PAPER: false\""),
     ("INIT_LR_FACTORS", [1, 2.5], "set INIT_LR_FACTORS to a list of distinct positive plain integers"),
     ("INIT_LR_FACTORS", 3, "set INIT_LR_FACTORS to a list of"),
     ("LORAPLUS_RATIOS", [4, 16], "set LORAPLUS_RATIOS to .* that holds 1 and a larger ratio"),
