@@ -131,3 +131,12 @@ def test_every_code_cell_has_a_markdown_lead_in(path):
 def test_ruff_passes_on_code_and_notebooks():
     result = subprocess.run([sys.executable, "-m", "ruff", "check", "."], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("notebook", [MAIN_NOTEBOOK, ABLATIONS_NOTEBOOK], ids=lambda path: path.name)
+def test_no_code_line_is_longer_than_ruffs_110_columns(notebook):
+    """Fewer lines must not mean denser ones: ruff's line length (110) holds in the notebooks' code, Colab's
+    #@param and #@title lines aside (their annotations must stay on the line they annotate)."""
+    long = [line for cell in nbformat.read(notebook, as_version=4).cells if cell.cell_type == "code"
+            for line in cell.source.splitlines() if len(line) > 110 and not re.search(r"#@(param|title)\b", line)]
+    assert not long, long[:3]
