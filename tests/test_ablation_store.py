@@ -261,3 +261,23 @@ def test_peak_memory_on_a_cpu_counts_what_is_allocated_after_a_reset(nb):
     block = torch.ones(64 * 2**20 // 4)  # 64 MiB, every page written
     assert nb.peak_memory_bytes(cpu) - before >= 48 * 2**20
     del block
+
+
+def test_a_rerun_finding_keeps_its_place_and_remembers_its_seeds_and_steps():
+    """After a section reruns with other SEEDS, the summary can tell which findings ran under which knobs."""
+    from tools.nbcode import ABLATIONS_NOTEBOOK, load_core
+
+    core = load_core(ABLATIONS_NOTEBOOK)
+    space = core.record_findings.__globals__
+    space.update(findings=[], SEEDS=[0, 1], STEPS_PER_RUN=10)
+
+    def finding(finding_id, a):
+        return core.make_finding(finding_id, "claim", "paper", a, [1.0, 1.0], 1, "detail")
+
+    core.record_findings({"a"}, [finding("a", [2.0, 2.0])])
+    core.record_findings({"b"}, [finding("b", [3.0, 3.0])])
+    space["SEEDS"] = [1]
+    core.record_findings({"a"}, [finding("a", [2.5])])
+    assert [f["id"] for f in space["findings"]] == ["a", "b"]
+    assert [f["knobs"]["SEEDS"] for f in space["findings"]] == [[1], [0, 1]]
+    assert space["findings"][0]["measured"] == 1.5
